@@ -1,0 +1,5 @@
+import sys
+
+from fedjax_sync.cli import main
+
+sys.exit(main())

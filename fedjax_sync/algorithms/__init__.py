@@ -1,0 +1,15 @@
+"""Federated algorithms: each is `Algorithm(init, round)` built on `federated_algorithm`."""
+
+from fedjax_sync.algorithms.fed_avg import fed_avg, fed_avg_m, fed_prox, local_training_update
+from fedjax_sync.algorithms.fed_opt import fed_adagrad, fed_adam, fed_yogi, server_adaptive
+from fedjax_sync.algorithms.fed_sgd import fed_sgd, full_batch_gradient_update
+from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm, round_metrics
+from fedjax_sync.algorithms.registry import (Hyperparameters, algorithm_descriptions,
+                                             algorithm_names, build_algorithm, register_algorithm)
+
+__all__ = [
+    'ClientOutput', 'Hyperparameters', 'algorithm_descriptions', 'algorithm_names',
+    'build_algorithm', 'fed_adagrad', 'fed_adam', 'fed_avg', 'fed_avg_m', 'fed_prox', 'fed_sgd',
+    'fed_yogi', 'federated_algorithm', 'full_batch_gradient_update', 'local_training_update',
+    'register_algorithm', 'round_metrics', 'server_adaptive',
+]

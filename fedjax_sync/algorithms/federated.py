@@ -1,0 +1,158 @@
+"""The generic synchronous round every algorithm of fedjax-sync is built from.
+
+    clients (map_clients: vmap / chunked / sequential, sharded over 'clients')
+      → pseudo-gradients [C, ...] → aggregator → server optax optimizer → params
+
+A concrete algorithm supplies `client_update` and, when it keeps server-side
+bookkeeping beyond the optimizer (SCAFFOLD's control variate), `init_extra` and
+`update_extra`. Per-client persistent state lives in `ServerState.client_states`
+as `[N, ...]` arrays, gathered by `client_ids` before the clients run and scattered
+back after, for clients with weight > 0 only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sync import tree as tree_lib
+from fedjax_sync.aggregators.base import (Aggregator, aggregator_metrics, validate_aggregator,
+                                          weighted_mean)
+from fedjax_sync.clients.execution import ClientExecution, map_clients, replicate, shard_client_axis
+from fedjax_sync.types import Algorithm, ClientBatch, Params, PyTree, ServerState
+
+
+class ClientOutput(NamedTuple):
+  """What one client returns from a round.
+
+  Attributes:
+    update: pseudo-gradient `global − local` (params-shaped); goes to the aggregator.
+    state: the client's new persistent state (`()` when none).
+    aux: extra per-client values for the server's own bookkeeping (`()` when none),
+      handed stacked `[C, ...]` to `update_extra`.
+    metrics: per-client scalars; `loss_sum` and `num_examples` are expected.
+  """
+
+  update: Params
+  state: PyTree
+  aux: PyTree
+  metrics: dict
+
+
+ClientUpdate = Callable[[Params, PyTree, PyTree, PyTree, jax.Array, jax.Array], ClientOutput]
+
+
+def federated_algorithm(client_update: ClientUpdate, *,
+                        server_optimizer: optax.GradientTransformation,
+                        aggregator: Aggregator | None = None,
+                        num_clients: int | None = None,
+                        init_client_state: Callable[[Params], PyTree] | None = None,
+                        init_extra: Callable[[Params], PyTree] | None = None,
+                        update_extra: Callable[..., PyTree] | None = None,
+                        execution: ClientExecution = ClientExecution(),
+                        name: str = 'federated') -> Algorithm:
+  """Builds an `Algorithm` from a client update, an aggregator and a server optimizer.
+
+  Args:
+    client_update: `(server_params, extra, client_state, data [S, B, ...],
+      mask [S, B], key) -> ClientOutput` for one client.
+    server_optimizer: optax transform applied to the aggregated pseudo-gradient.
+    aggregator: reducer of the stacked pseudo-gradients (default `weighted_mean()`).
+    num_clients: population size N; needed for per-client state.
+    init_client_state: one client's initial state from the params (e.g. zeros);
+      stacked N times into `ServerState.client_states`.
+    init_extra: the algorithm's extra server state from the params.
+    update_extra: `(extra, aux [C, ...], batch, num_clients) -> extra`, after the
+      server step.
+    execution: client execution strategy and optional device mesh.
+    name: the algorithm's name.
+  """
+  aggregator = validate_aggregator(aggregator if aggregator is not None else weighted_mean())
+  execution = execution.validate()
+  if init_client_state is not None and num_clients is None:
+    raise ValueError(f'{name} keeps per-client state and needs num_clients (the population size)')
+
+  def init(params: Params) -> ServerState:
+    client_states = ()
+    if init_client_state is not None:
+      one = init_client_state(params)
+      client_states = jax.tree.map(
+          lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x)).astype(jnp.asarray(x).dtype), one)
+    return ServerState(
+        params=params,
+        opt_state=server_optimizer.init(params),
+        aggregator_state=aggregator.init(params, num_clients),
+        client_states=client_states,
+        extra=init_extra(params) if init_extra is not None else (),
+        round=jnp.zeros((), jnp.int32))
+
+  def round_fn(state: ServerState, batch: ClientBatch, key: jax.Array):
+    client_root, aggregator_key = jax.random.split(key)
+    keys = jax.vmap(lambda i: jax.random.fold_in(client_root, i))(batch.client_ids)
+    participating = batch.weight > 0
+    client_states = (tree_lib.gather_clients(state.client_states, batch.client_ids)
+                     if init_client_state is not None else ())
+    params = replicate(state.params, execution.mesh)
+    extra = state.extra
+
+    def one_client(client_state, data, mask, k):
+      return client_update(params, extra, client_state, data, mask, k)
+
+    inputs = shard_client_axis((client_states, batch.data, batch.mask, keys), execution.mesh)
+    outputs: ClientOutput = map_clients(one_client, inputs, execution)
+
+    aggregate, aggregator_state = aggregator.apply(
+        outputs.update, batch.weight, state.aggregator_state, aggregator_key, batch.client_ids)
+    server_updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, server_updates)
+
+    new_client_states = state.client_states
+    if init_client_state is not None:
+      new_client_states = tree_lib.scatter_clients(
+          state.client_states, batch.client_ids, outputs.state, participating)
+    new_extra = (update_extra(state.extra, outputs.aux, batch, num_clients)
+                 if update_extra is not None else state.extra)
+
+    metrics = round_metrics(outputs, batch, aggregate, state.params)
+    metrics.update({f'aggregator/{k}': v for k, v in aggregator_metrics(aggregator_state).items()})
+    new_state = ServerState(params=new_params, opt_state=opt_state,
+                            aggregator_state=aggregator_state, client_states=new_client_states,
+                            extra=new_extra, round=state.round + 1)
+    return new_state, metrics
+
+  return Algorithm(init=init, round=round_fn, name=name)
+
+
+def round_metrics(outputs: ClientOutput, batch: ClientBatch, aggregate: Params,
+                  params: Params) -> dict[str, jax.Array]:
+  """Metrics every synchronous round reports, computed inside the compiled round.
+
+  `train_loss` (example-weighted mean local loss), `client_loss` `[C]`,
+  `num_participants`, `update_norm` (‖aggregate‖), `client_drift` (weighted mean of
+  ‖u_k − ū‖ with ū the weighted mean update), and the communication of a plain
+  full-model exchange: `bytes_up` (participants × update bytes) and `bytes_down`.
+  """
+  weight = batch.weight.astype(jnp.float32)
+  present = (weight > 0).astype(jnp.float32)
+  loss_sum = outputs.metrics['loss_sum']
+  num_examples = outputs.metrics['num_examples']
+  client_loss = loss_sum / jnp.maximum(num_examples, 1)
+  total_examples = jnp.sum(present * num_examples)
+  total_weight = jnp.sum(weight)
+  normalized = weight / jnp.where(total_weight > 0, total_weight, 1.0)
+  mean_update = tree_lib.client_weighted_sum(outputs.update, normalized)
+  deviations = jax.tree.map(lambda u, m: u - m[None], outputs.update, mean_update)
+  drift = jnp.sqrt(jnp.maximum(tree_lib.client_sq_norms(deviations), 0.0))
+  participants = jnp.sum(present)
+  return {
+      'train_loss': jnp.sum(present * loss_sum) / jnp.maximum(total_examples, 1),
+      'client_loss': client_loss,
+      'num_participants': participants,
+      'update_norm': tree_lib.tree_norm(aggregate),
+      'client_drift': jnp.sum(normalized * drift),
+      'bytes_up': participants * tree_lib.tree_num_bytes(params),
+      'bytes_down': participants * tree_lib.tree_num_bytes(params),
+  }

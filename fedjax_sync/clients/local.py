@@ -1,0 +1,116 @@
+"""Local training: one masked optimizer step, and a whole local run of S steps.
+
+Both are built from a per-example loss `loss_fn(params, batch, key) -> [B]` and any
+optax `GradientTransformation`. The engine masks and averages: the step's objective
+is `Σ_b mask_b · loss_b / max(Σ_b mask_b, 1)`, so a padded example contributes
+nothing, and a step without any real example leaves parameters and optimizer state
+untouched (a momentum or weight-decay optimizer would otherwise still move).
+
+Optimizers that need a second gradient evaluation (SAM-type) are optax
+`GradientTransformationExtraArgs`; the step passes them `grad_fn`, the gradient of
+this step's masked objective as a function of the parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sync.types import Params, PyTree
+
+
+class StepMetrics(NamedTuple):
+  """Per-step statistics: the masked loss sum and the number of real examples."""
+
+  loss_sum: jax.Array
+  num_examples: jax.Array
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean of `values [B]` over `mask [B]` and the count of real entries."""
+  count = jnp.sum(mask.astype(values.dtype))
+  total = jnp.sum(jnp.where(mask, values, jnp.zeros_like(values)))
+  return total / jnp.maximum(count, 1), count
+
+
+LocalStep = Callable[..., tuple[Params, PyTree, StepMetrics]]
+
+
+def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                    prox_mu: float = 0.0) -> LocalStep:
+  """Builds `step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None)`.
+
+  Args:
+    loss_fn: per-example loss `(params, batch, key) -> [B]`.
+    optimizer: the client's optax optimizer.
+    prox_mu: FedProx's proximal coefficient μ: adds `μ (params − anchor)` to the
+      gradient, the gradient of `(μ/2)‖params − anchor‖²`.
+
+  Returns:
+    `step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None)
+    -> (params, opt_state, StepMetrics)` for one client; batch leaves `[B, ...]`,
+    mask `[B]`. `grad_offset` (a params-shaped pytree) is added to the gradient,
+    e.g. SCAFFOLD's correction `c − c_i`.
+  """
+  extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+
+  def step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None):
+    def objective(p):
+      return masked_mean(loss_fn(p, batch, key), mask)
+
+    (loss, count), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    if prox_mu:
+      if anchor is None:
+        raise ValueError('prox_mu > 0 needs the anchor (the global model)')
+      grads = jax.tree.map(lambda g, p, a: g + prox_mu * (p - a), grads, params, anchor)
+    if grad_offset is not None:
+      grads = jax.tree.map(jnp.add, grads, grad_offset)
+    if extra_args:
+      def grad_fn(p):
+        g = jax.grad(lambda q: objective(q)[0])(p)
+        if grad_offset is not None:
+          g = jax.tree.map(jnp.add, g, grad_offset)
+        return g
+      updates, new_opt_state = optimizer.update(grads, opt_state, params, grad_fn=grad_fn)
+    else:
+      updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    active = count > 0
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
+    return (keep(new_params, params), keep(new_opt_state, opt_state),
+            StepMetrics(loss_sum=loss * count, num_examples=count))
+
+  return step
+
+
+def make_local_training(step: LocalStep, *, unroll: int | bool = 1) -> Callable:
+  """Builds the whole local run of one client from a local step.
+
+  Args:
+    step: from `make_local_step`.
+    unroll: `lax.scan` unrolling of the steps (True unrolls fully; on CPU,
+      unrolled convolutional steps ran several times faster than a rolled loop).
+
+  Returns:
+    `train(params, opt_state, data, mask, key, anchor=None, grad_offset=None)
+    -> (params, opt_state, StepMetrics summed over steps)`; data leaves
+    `[S, B, ...]`, mask `[S, B]`. Step s uses key `fold_in(key, s)`.
+  """
+
+  def train(params, opt_state, data, mask, key, anchor=None, grad_offset=None):
+    num_steps = mask.shape[0]
+
+    def body(carry, xs):
+      p, o = carry
+      batch, m, s = xs
+      p, o, metrics = step(p, o, batch, m, jax.random.fold_in(key, s), anchor, grad_offset)
+      return (p, o), metrics
+
+    (params, opt_state), metrics = jax.lax.scan(
+        body, (params, opt_state), (data, mask, jnp.arange(num_steps)), unroll=unroll)
+    return params, opt_state, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
+
+  return train

@@ -1,0 +1,13 @@
+"""Federated data: the container, partitioners, synthetic data and batching."""
+
+from fedjax_sync.data.batching import (DeviceData, LocalWork, client_batch_from_arrays,
+                                       make_client_batch, pad_clients, sample_clients, to_device)
+from fedjax_sync.data.federated import FederatedData, from_client_indices
+from fedjax_sync.data.partition import dirichlet_partition, iid_partition, shard_partition
+from fedjax_sync.data.synthetic import synthetic
+
+__all__ = [
+    'DeviceData', 'FederatedData', 'LocalWork', 'client_batch_from_arrays', 'dirichlet_partition',
+    'from_client_indices', 'iid_partition', 'make_client_batch', 'pad_clients', 'sample_clients',
+    'shard_partition', 'synthetic', 'to_device',
+]

@@ -1,0 +1,181 @@
+"""Client sampling and batch construction, inside the compiled round.
+
+The dataset lives on the device (`DeviceData`); a round's `[C, S, B, ...]` batches
+are computed from a key, the sampled client ids, offsets and counts, and gathered
+there. No host work per round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sync.data.federated import FederatedData
+from fedjax_sync.types import ClientBatch
+
+
+class LocalWork(NamedTuple):
+  """How much local training a client does per round.
+
+  Exactly one of `epochs` and `steps` is set. With epochs, each client makes
+  `epochs` passes over its own shuffled examples in batches of `batch_size`; the
+  passes are laid end to end, so a batch may straddle two epochs and only the
+  client's last batch is partial. All clients run the same number of steps
+  `S = ceil(epochs · max_n / batch_size)` (max_n over the population), and steps
+  beyond a client's data are fully masked (they change nothing). With steps, every
+  client with data runs exactly `steps` full batches, cycling through reshuffled
+  epochs of its data as needed.
+  """
+
+  batch_size: int
+  epochs: int | None = None
+  steps: int | None = None
+
+  def validate(self) -> 'LocalWork':
+    if not isinstance(self.batch_size, int) or self.batch_size < 1:
+      raise ValueError(f'batch_size must be a positive integer, got {self.batch_size!r}')
+    if (self.epochs is None) == (self.steps is None):
+      raise ValueError('give exactly one of epochs and steps, got '
+                       f'epochs={self.epochs!r}, steps={self.steps!r}')
+    value = self.epochs if self.epochs is not None else self.steps
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'epochs/steps must be a positive integer, got {value!r}')
+    return self
+
+  def num_steps(self, max_count: int) -> int:
+    """Static number of local steps S for a population whose largest client has `max_count`."""
+    self.validate()
+    if self.steps is not None:
+      return self.steps
+    return max(1, math.ceil(self.epochs * max_count / self.batch_size))
+
+  def num_epochs_drawn(self, min_count: int) -> int:
+    """Static number of shuffled epochs drawn per client to fill the stream."""
+    if self.epochs is not None:
+      return self.epochs
+    return max(1, math.ceil(self.steps * self.batch_size / max(min_count, 1)))
+
+
+class DeviceData(NamedTuple):
+  """A `FederatedData`'s training examples, offsets and counts as device arrays."""
+
+  train: Mapping[str, jax.Array]
+  offsets: jax.Array
+  counts: jax.Array
+
+
+def to_device(data: FederatedData, sharding=None) -> DeviceData:
+  """Puts the training examples on the device once (replicated when sharded)."""
+  put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jnp.asarray
+  return DeviceData(train={k: put(v) for k, v in data.train.items()},
+                    offsets=put(data.offsets.astype(np.int32)),
+                    counts=put(data.counts.astype(np.int32)))
+
+
+def sample_clients(key: jax.Array, counts: jax.Array, clients_per_round: int, *,
+                   proportional_to_size: bool = False) -> jax.Array:
+  """Samples `[C]` distinct client ids, uniformly or with probability ∝ size."""
+  num_clients = counts.shape[0]
+  if not 1 <= clients_per_round <= num_clients:
+    raise ValueError(f'clients_per_round must be in [1, {num_clients}], got {clients_per_round}')
+  p = None
+  if proportional_to_size:
+    p = counts.astype(jnp.float32) / jnp.sum(counts)
+  ids = jax.random.choice(key, num_clients, (clients_per_round,), replace=False, p=p)
+  return ids.astype(jnp.int32)
+
+
+def make_client_batch(key: jax.Array, data: DeviceData, client_ids: jax.Array,
+                      work: LocalWork, *, max_count: int, min_count: int) -> ClientBatch:
+  """Builds the round input for `client_ids` from device-resident data.
+
+  Each client's examples are reshuffled every epoch from `fold_in(key, client_id)`,
+  so a client's batches do not depend on its position in the round.
+
+  Args:
+    key: the round's batching key.
+    data: device data.
+    client_ids: `[C]` int32.
+    work: local work (epochs or steps, and batch size).
+    max_count: static largest client size of the population.
+    min_count: static smallest positive client size of the population.
+
+  Returns:
+    `ClientBatch` with data leaves `[C, S, B, ...]`, mask `[C, S, B]` and weights
+    equal to the number of distinct real examples each client trains on.
+  """
+  num_steps = work.num_steps(max_count)
+  num_epochs = work.num_epochs_drawn(min_count)
+  positions = jnp.arange(num_steps * work.batch_size)
+
+  def one_client(cid):
+    n = data.counts[cid]
+    ckey = jax.random.fold_in(key, cid)
+    # One shuffle per epoch: random keys, padding rows sorted last.
+    noise = jax.random.uniform(ckey, (num_epochs, max_count))
+    noise = jnp.where(jnp.arange(max_count) < n, noise, 2.0)
+    perms = jnp.argsort(noise, axis=1)
+    safe_n = jnp.maximum(n, 1)
+    epoch = jnp.minimum(positions // safe_n, num_epochs - 1)
+    within = positions % safe_n
+    if work.epochs is not None:
+      real = positions < work.epochs * n
+    else:
+      real = jnp.broadcast_to(n > 0, positions.shape)
+    rows = data.offsets[cid] + perms[epoch, within]
+    rows = jnp.where(real, rows, data.offsets[cid])
+    return rows.reshape(num_steps, work.batch_size), real.reshape(num_steps, work.batch_size)
+
+  rows, mask = jax.vmap(one_client)(client_ids)
+  batch = {k: v[rows] for k, v in data.train.items()}
+  counts = data.counts[client_ids]
+  if work.epochs is not None:
+    weight = counts
+  else:
+    weight = jnp.minimum(counts, work.steps * work.batch_size)
+  return ClientBatch(data=batch, mask=mask, client_ids=client_ids,
+                     weight=weight.astype(jnp.float32))
+
+
+def pad_clients(batch: ClientBatch, multiple: int) -> ClientBatch:
+  """Pads the client axis to a multiple of `multiple` with zero-weight clients."""
+  c = batch.weight.shape[0]
+  pad = (-c) % multiple
+  if pad == 0:
+    return batch
+  def pad_leaf(x):
+    return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+  return ClientBatch(data=jax.tree.map(pad_leaf, batch.data), mask=pad_leaf(batch.mask),
+                     client_ids=pad_leaf(batch.client_ids), weight=pad_leaf(batch.weight))
+
+
+def client_batch_from_arrays(client_examples: list[Mapping[str, np.ndarray]],
+                             batch_size: int, num_steps: int | None = None) -> ClientBatch:
+  """Builds a `ClientBatch` by hand from per-client host arrays (no shuffling).
+
+  Client c's examples fill its steps in order; the rest is masked. Useful in
+  tests and for data that does not come from a `FederatedData`.
+  """
+  sizes = [len(next(iter(ex.values()))) for ex in client_examples]
+  steps = num_steps or max(1, math.ceil(max(sizes) / batch_size))
+  slots = steps * batch_size
+  if max(sizes) > slots:
+    raise ValueError(f'{max(sizes)} examples do not fit {steps} steps of batch {batch_size}')
+  names = list(client_examples[0].keys())
+  data = {}
+  for name in names:
+    leaves = []
+    for ex in client_examples:
+      a = np.asarray(ex[name])
+      padded = np.zeros((slots,) + a.shape[1:], a.dtype)
+      padded[:len(a)] = a
+      leaves.append(padded.reshape((steps, batch_size) + a.shape[1:]))
+    data[name] = jnp.asarray(np.stack(leaves))
+  mask = np.stack([np.arange(slots) < n for n in sizes]).reshape(len(sizes), steps, batch_size)
+  return ClientBatch(data=data, mask=jnp.asarray(mask),
+                     client_ids=jnp.arange(len(sizes), dtype=jnp.int32),
+                     weight=jnp.asarray(sizes, jnp.float32))

@@ -1,0 +1,109 @@
+"""The federated data container: every client's examples on the host.
+
+Layout: the examples of all clients are stored as flat arrays sorted by client,
+with per-client `offsets` and `counts` (client k owns rows
+`offsets[k] : offsets[k] + counts[k]`). This is compact for heavy-tailed client
+sizes and for millions of clients, where a padded `[N, max_n, ...]` layout wastes
+memory. Batches `[C, S, B, ...]` are gathered from these arrays inside the compiled
+round (see `fedjax_sync.data.batching`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedData:
+  """Every client's training examples plus a global test set, on the host.
+
+  Attributes:
+    train: flat training examples, `{'x': [n, ...], 'y': [n]}`, sorted by client.
+    offsets: `[N]` int64 start row of each client in `train`.
+    counts: `[N]` int64 number of training examples of each client.
+    test: global test set `{'x': [m, ...], 'y': [m]}`.
+    test_client: `[m]` int32 owner of each test example when the dataset has
+      per-client test splits (e.g. FedProx's Synthetic), else None; per-client
+      accuracy is then measured on each client's own training data.
+    num_classes: number of label classes.
+    name: a short description used in run directories.
+  """
+
+  train: Mapping[str, np.ndarray]
+  offsets: np.ndarray
+  counts: np.ndarray
+  test: Mapping[str, np.ndarray]
+  test_client: np.ndarray | None
+  num_classes: int
+  name: str = 'federated'
+
+  def __post_init__(self):
+    n = _num_rows(self.train, 'train')
+    m = _num_rows(self.test, 'test')
+    if self.offsets.shape != self.counts.shape or self.offsets.ndim != 1:
+      raise ValueError(f'offsets {self.offsets.shape} and counts {self.counts.shape} '
+                       'must both be [num_clients]')
+    if np.any(self.counts < 0):
+      raise ValueError('client counts must be non-negative')
+    expected = np.concatenate([[0], np.cumsum(self.counts)[:-1]]) if len(self.counts) else self.counts
+    if not np.array_equal(self.offsets, expected) or int(self.counts.sum()) != n:
+      raise ValueError('offsets/counts must describe contiguous client blocks covering '
+                       f'all {n} training rows')
+    if self.test_client is not None and self.test_client.shape != (m,):
+      raise ValueError(f'test_client must be [{m}], got {self.test_client.shape}')
+
+  @property
+  def num_clients(self) -> int:
+    return int(self.counts.shape[0])
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.counts.sum())
+
+  def client(self, k: int) -> dict[str, np.ndarray]:
+    """The training examples of client `k` (a view, for inspection and tests)."""
+    if not 0 <= k < self.num_clients:
+      raise IndexError(f'client {k} out of range [0, {self.num_clients})')
+    start, n = int(self.offsets[k]), int(self.counts[k])
+    return {name: arr[start:start + n] for name, arr in self.train.items()}
+
+  def host_bytes_per_client(self) -> float:
+    """Host memory per client: examples plus offsets and counts."""
+    total = sum(a.nbytes for a in self.train.values()) + self.offsets.nbytes + self.counts.nbytes
+    return total / max(self.num_clients, 1)
+
+
+def _num_rows(arrays: Mapping[str, np.ndarray], what: str) -> int:
+  if not arrays:
+    raise ValueError(f'{what} must hold at least one array')
+  rows = {k: v.shape[0] for k, v in arrays.items()}
+  if len(set(rows.values())) != 1:
+    raise ValueError(f'{what} arrays disagree on the number of rows: {rows}')
+  return next(iter(rows.values()))
+
+
+def from_client_indices(examples: Mapping[str, np.ndarray],
+                        client_indices: Sequence[np.ndarray],
+                        test: Mapping[str, np.ndarray], *,
+                        num_classes: int, name: str,
+                        test_client: np.ndarray | None = None) -> FederatedData:
+  """Builds a `FederatedData` from a centralized dataset and a partition.
+
+  Args:
+    examples: centralized training arrays, e.g. `{'x': [n, ...], 'y': [n]}`.
+    client_indices: one index array per client (e.g. from a partitioner).
+    test: global test arrays.
+    num_classes: number of label classes.
+    name: description.
+    test_client: optional `[m]` owner of each test example.
+  """
+  counts = np.array([len(ix) for ix in client_indices], dtype=np.int64)
+  order = (np.concatenate([np.asarray(ix, np.int64) for ix in client_indices])
+           if len(client_indices) else np.zeros((0,), np.int64))
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  train = {k: np.ascontiguousarray(v[order]) for k, v in examples.items()}
+  return FederatedData(train=train, offsets=offsets, counts=counts, test=dict(test),
+                       test_client=test_client, num_classes=num_classes, name=name)

@@ -1,0 +1,226 @@
+"""The synchronous driver: R rounds of sampling, batching, the round and evaluation.
+
+Between two evaluations, consecutive rounds run inside one compiled `lax.scan`
+(sampling and batch construction included), so the host is visited once per
+evaluation block, not once per round. Round r uses the key
+`fold_in(run_key, r)`, so results depend only on the seed and the round index:
+resuming from round r (with the state of round r) reproduces the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fedjax_sync.clients.execution import ClientExecution
+from fedjax_sync.data.batching import (LocalWork, make_client_batch, pad_clients, sample_clients,
+                                       to_device)
+from fedjax_sync.data.federated import FederatedData
+from fedjax_sync.simulate.evaluation import make_evaluator
+from fedjax_sync.types import Algorithm, Params, ServerState
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationConfig:
+  """What a synchronous simulation runs.
+
+  Attributes:
+    num_rounds: R.
+    clients_per_round: C, sampled without replacement each round.
+    local_work: epochs or steps of local training, and the batch size.
+    eval_every: evaluate every k rounds (and after the last round).
+    seed: run seed; the same seed on the same machine gives bitwise-identical results.
+    proportional_sampling: sample clients with probability ∝ their size.
+    per_client_eval: also compute per-client accuracy at evaluation points.
+  """
+
+  num_rounds: int
+  clients_per_round: int
+  local_work: LocalWork
+  eval_every: int = 10
+  seed: int = 0
+  proportional_sampling: bool = False
+  per_client_eval: bool = True
+
+  def validate(self, num_clients: int) -> 'SimulationConfig':
+    for name in ('num_rounds', 'clients_per_round', 'eval_every'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+    if self.clients_per_round > num_clients:
+      raise ValueError(f'clients_per_round={self.clients_per_round} exceeds the '
+                       f'{num_clients} clients of the dataset')
+    self.local_work.validate()
+    return self
+
+
+class SimulationResult(NamedTuple):
+  state: ServerState
+  history: list[dict[str, Any]]   # one row per round; evaluation metrics at eval points
+  final_eval: dict[str, Any]
+  compile_seconds: float
+  run_seconds: float
+
+
+def _scalar_metrics(stacked: dict[str, np.ndarray], index: int) -> dict[str, float]:
+  row = {}
+  for k, v in stacked.items():
+    x = v[index]
+    if np.ndim(x) == 0:
+      row[k] = float(x)
+  return row
+
+
+def _to_json(value):
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return value
+
+
+class Simulator:
+  """Compiles the blocks of rounds and the evaluator of one simulation.
+
+  Example:
+    >>> sim = Simulator(algorithm, model, data, config)
+    >>> result = sim.run(sim.init())
+  """
+
+  def __init__(self, algorithm: Algorithm, model, data: FederatedData, config: SimulationConfig,
+               *, execution: ClientExecution = ClientExecution()):
+    self.algorithm = algorithm
+    self.model = model
+    self.data = data
+    self.config = config.validate(data.num_clients)
+    self.execution = execution.validate()
+    mesh = execution.mesh
+    sharding = NamedSharding(mesh, P()) if mesh is not None else None
+    self._device_data = to_device(data, sharding)
+    positive = data.counts[data.counts > 0]
+    if positive.size == 0:
+      raise ValueError('the dataset has no client with examples')
+    self._max_count = int(positive.max())
+    self._min_count = int(positive.min())
+    self.num_local_steps = config.local_work.num_steps(self._max_count)
+    self._run_key = jax.random.key(config.seed)
+    self._evaluate = make_evaluator(model.evaluate, data, per_client=config.per_client_eval)
+    self._blocks: dict[int, Callable] = {}
+
+  def init(self, params: Params | None = None) -> ServerState:
+    """The initial server state; params from the model with key `fold_in(seed_key, -1)`."""
+    if params is None:
+      params = self.model.init(jax.random.fold_in(self._run_key, 2**31 - 1))
+    return self.algorithm.init(params)
+
+  def round_key(self, round_index) -> jax.Array:
+    return jax.random.fold_in(self._run_key, round_index)
+
+  def sample_round(self, round_index):
+    """The client batch and algorithm key of round `round_index` (jittable)."""
+    sample_key, batch_key, algorithm_key = jax.random.split(self.round_key(round_index), 3)
+    ids = sample_clients(sample_key, self._device_data.counts, self.config.clients_per_round,
+                         proportional_to_size=self.config.proportional_sampling)
+    batch = make_client_batch(batch_key, self._device_data, ids, self.config.local_work,
+                              max_count=self._max_count, min_count=self._min_count)
+    return pad_clients(batch, self.execution.num_shards), algorithm_key
+
+  def _block(self, state: ServerState, length: int) -> Callable:
+    """The compiled program of `length` consecutive rounds (compiled once per length)."""
+    if length not in self._blocks:
+      def run_block(state, start):
+        def body(s, r):
+          batch, key = self.sample_round(r)
+          return self.algorithm.round(s, batch, key)
+        return jax.lax.scan(body, state, start + jnp.arange(length))
+      self._blocks[length] = jax.jit(run_block, donate_argnums=0).lower(
+          state, jnp.zeros((), jnp.int32)).compile()
+    return self._blocks[length]
+
+  def run_rounds(self, state: ServerState, start: int, length: int):
+    """Runs rounds `start .. start + length − 1` as one compiled program.
+
+    The input state's buffers are donated: do not use `state` afterwards.
+    """
+    return self._block(state, length)(state, jnp.asarray(start, jnp.int32))
+
+  def evaluate(self, params: Params) -> dict[str, Any]:
+    return jax.device_get(self._evaluate(params))
+
+  def run(self, state: ServerState, *, start_round: int = 0, run_dir: str | None = None,
+          progress: bool = True, on_block: Callable | None = None) -> SimulationResult:
+    """Runs the remaining rounds from `start_round`, evaluating every `eval_every`.
+
+    Args:
+      state: the server state after `start_round` rounds.
+      start_round: the number of rounds already run.
+      run_dir: if given, `metrics.jsonl` is appended there, one JSON line per round.
+      progress: show a progress bar (round, accuracy, ETA).
+      on_block: called as `on_block(state, rounds_done, history)` after each block
+        (e.g. to checkpoint).
+    """
+    cfg = self.config
+    history: list[dict[str, Any]] = []
+    metrics_file = open(os.path.join(run_dir, 'metrics.jsonl'), 'a') if run_dir else None
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=cfg.num_rounds, initial=start_round, unit='round', dynamic_ncols=True)
+    compile_seconds = 0.0
+    started = time.perf_counter()
+    evaluation: dict[str, Any] = {}
+    try:
+      r = start_round
+      while r < cfg.num_rounds:
+        length = min(cfg.eval_every - r % cfg.eval_every, cfg.num_rounds - r)
+        if length not in self._blocks:
+          t0 = time.perf_counter()
+          self._block(state, length)
+          compile_seconds += time.perf_counter() - t0
+        state, stacked = self.run_rounds(state, r, length)
+        stacked = jax.device_get(stacked)
+        evaluation = self.evaluate(state.params)
+        for i in range(length):
+          row = {'round': r + i + 1, **_scalar_metrics(stacked, i)}
+          if i == length - 1:
+            row.update({k: _to_json(v) for k, v in evaluation.items() if np.ndim(v) == 0})
+          history.append(row)
+          if metrics_file:
+            metrics_file.write(json.dumps(row) + '\n')
+        if metrics_file:
+          metrics_file.flush()
+        r += length
+        if bar is not None:
+          bar.update(length)
+          bar.set_postfix(acc=f"{float(evaluation['test_accuracy']):.4f}",
+                          loss=f"{float(evaluation['test_loss']):.4f}")
+        if on_block is not None:
+          on_block(state, r, history)
+    finally:
+      if bar is not None:
+        bar.close()
+      if metrics_file:
+        metrics_file.close()
+    if not evaluation:
+      evaluation = self.evaluate(state.params)
+    return SimulationResult(state=state, history=history, final_eval=evaluation,
+                            compile_seconds=compile_seconds,
+                            run_seconds=time.perf_counter() - started - compile_seconds)
+
+
+def rounds_to_reach(history: list[dict[str, Any]], target: float,
+                    key: str = 'test_accuracy') -> int | None:
+  """The first round whose evaluated `key` reaches `target`, or None."""
+  for row in history:
+    if key in row and row[key] >= target:
+      return int(row['round'])
+  return None

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's test command: sets up .venv if needed, then runs the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --upgrade pip
+fi
+.venv/bin/pip install --quiet -e '.[test,digits]'
+exec .venv/bin/python -m pytest -q "$@"

@@ -65,16 +65,19 @@ def stateless(fn: Callable, *, kind: str, name: str) -> Aggregator:
 
 
 def _weights_or_ones(weights, updates):
+  """`[C]` weights in the updates' float dtype (so float64 runs stay float64)."""
+  leaves = jax.tree.leaves(updates)
+  dtype = jnp.result_type(*leaves) if leaves else jnp.float32
   if weights is None:
-    return jnp.ones((jax.tree.leaves(updates)[0].shape[0],), jnp.float32)
-  return weights
+    return jnp.ones((leaves[0].shape[0],), dtype)
+  return weights.astype(dtype)
 
 
 def weighted_mean() -> Aggregator:
   """`Σ_c w_c u_c / Σ_c w_c` (0 when every weight is 0). FedAvg's reducer."""
 
   def fn(updates, weights, key, client_ids):
-    w = _weights_or_ones(weights, updates).astype(jnp.float32)
+    w = _weights_or_ones(weights, updates)
     total = jnp.sum(w)
     return tree_lib.client_weighted_sum(updates, w / jnp.where(total > 0, total, 1.0))
 
@@ -85,7 +88,8 @@ def mean() -> Aggregator:
   """Unweighted mean over the present clients (weight > 0): `(1/K) Σ_{c present} u_c`."""
 
   def fn(updates, weights, key, client_ids):
-    present = (_weights_or_ones(weights, updates) > 0).astype(jnp.float32)
+    w = _weights_or_ones(weights, updates)
+    present = (w > 0).astype(w.dtype)
     count = jnp.sum(present)
     return tree_lib.client_weighted_sum(updates, present / jnp.maximum(count, 1.0))
 

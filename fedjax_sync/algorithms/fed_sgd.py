@@ -34,7 +34,7 @@ def full_batch_gradient_update(loss_fn: Callable):
         return jnp.sum(jnp.where(m, losses, jnp.zeros_like(losses)))
       loss, grads = jax.value_and_grad(total)(server_params)
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      return (grad_sum, loss_sum + loss, count + jnp.sum(m)), None
+      return (grad_sum, loss_sum + loss, count + jnp.sum(m, dtype=jnp.int32)), None
 
     zeros = jax.tree.map(jnp.zeros_like, server_params)
     init = (zeros, jnp.zeros((), jnp.result_type(*jax.tree.leaves(server_params))),

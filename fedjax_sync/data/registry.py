@@ -52,3 +52,54 @@ register_dataset(
     'synthetic_iid',
     lambda num_clients=30, seed=0, **_: synthetic(iid=True, num_clients=num_clients, seed=seed),
     'Synthetic IID of FedProx', 'logistic_regression')
+
+
+# Centralized sources, partitioned with `partition` in {'iid', 'dirichlet', 'shards'}
+# (options: alpha, shards_per_client, method, seed = the partition seed).
+def _synthetic_pooled(num_clients=5, seed=0, partition='dirichlet', alpha=0.5,
+                      shards_per_client=1, method='per_class', **_):
+  from fedjax_sync.data.npz import repartition
+  return repartition(synthetic(1.0, 1.0, num_clients=30, seed=0), num_clients,
+                     partition=partition, alpha=alpha, shards_per_client=shards_per_client,
+                     seed=seed, method=method, name='pooled Synthetic(1, 1)')
+
+
+def _digits(num_clients=10, seed=0, partition='dirichlet', alpha=0.5, shards_per_client=1,
+            method='per_class', **_):
+  from fedjax_sync.data.digits import digits
+  return digits(num_clients, partition=partition, alpha=alpha,
+                shards_per_client=shards_per_client, seed=seed, method=method)
+
+
+def _npz(path=None, num_clients=10, seed=0, partition='dirichlet', alpha=0.5,
+         shards_per_client=1, method='per_class', **_):
+  from fedjax_sync.data.npz import load_npz
+  return load_npz(path, num_clients=num_clients, partition=partition, alpha=alpha,
+                  shards_per_client=shards_per_client, seed=seed, method=method)
+
+
+def _tfds_loader(tfds_key):
+  def load(num_clients=10, seed=0, partition='dirichlet', alpha=0.5, shards_per_client=1,
+           method='per_class', data_dir=None, **_):
+    from fedjax_sync.data.tfds import tfds_dataset
+    return tfds_dataset(tfds_key, num_clients, data_dir=data_dir, partition=partition,
+                        alpha=alpha, shards_per_client=shards_per_client, seed=seed,
+                        method=method)
+  return load
+
+
+register_dataset('synthetic_pooled', _synthetic_pooled,
+                 'pooled Synthetic(1, 1) examples re-partitioned (partition=, alpha=)',
+                 'logistic_regression')
+register_dataset('digits', _digits,
+                 "scikit-learn's 1,797 real 8×8 digits, offline (extra 'digits')", 'mlp')
+register_dataset('npz', _npz, 'a local .npz (x_train, y_train, x_test, y_test; path=)', 'mlp')
+
+
+def _register_tfds():
+  from fedjax_sync.data.tfds import TFDS_DATASETS
+  for key, spec in TFDS_DATASETS.items():
+    register_dataset(key, _tfds_loader(key), spec.description, spec.model)
+
+
+_register_tfds()

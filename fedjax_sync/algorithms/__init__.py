@@ -13,3 +13,12 @@ __all__ = [
     'fed_yogi', 'federated_algorithm', 'full_batch_gradient_update', 'local_training_update',
     'register_algorithm', 'round_metrics', 'server_adaptive',
 ]
+
+# Client-drift algorithms (issue #5); importing them registers them.
+from fedjax_sync.algorithms.fed_gh import fed_gh  # noqa: E402
+from fedjax_sync.algorithms.fed_sam import fed_sagm, fed_sam, sharpness  # noqa: E402
+from fedjax_sync.algorithms.kuramoto import kuramoto_fedavg  # noqa: E402
+from fedjax_sync.algorithms.scaffold import ScaffoldExtra, scaffold, scaffold_modified  # noqa: E402
+
+__all__ += ['ScaffoldExtra', 'fed_gh', 'fed_sagm', 'fed_sam', 'kuramoto_fedavg', 'scaffold',
+            'scaffold_modified', 'sharpness']

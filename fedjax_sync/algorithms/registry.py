@@ -29,6 +29,12 @@ class Hyperparameters:
   tau: float = 1e-3
   b1: float = 0.9
   b2: float = 0.99
+  # Client-drift methods (fedjax_sync.algorithms.scaffold/fed_sam/kuramoto).
+  scaffold_option: str = 'II'
+  sam_rho: float = 0.05
+  sagm_alpha: float = 0.001
+  kappa: float = 0.005
+  kappa_decay: float = 1.0
 
   def client_optimizer(self) -> optax.GradientTransformation:
     if self.client_momentum:

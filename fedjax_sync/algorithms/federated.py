@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sync import communication
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import (Aggregator, aggregator_metrics, validate_aggregator,
                                           weighted_mean)
@@ -153,6 +154,6 @@ def round_metrics(outputs: ClientOutput, batch: ClientBatch, aggregate: Params,
       'num_participants': participants,
       'update_norm': tree_lib.tree_norm(aggregate),
       'client_drift': jnp.sum(normalized * drift),
-      'bytes_up': participants * tree_lib.tree_num_bytes(params),
-      'bytes_down': participants * tree_lib.tree_num_bytes(params),
+      'bytes_up': participants * communication.model_bytes(params),
+      'bytes_down': participants * communication.model_bytes(params),
   }

@@ -1,0 +1,410 @@
+"""Federated Dynamic Averaging (FDA) and fixed-period averaging, step by step.
+
+Theologitis et al. 2024, "Communication-Efficient Distributed Deep Learning via
+Federated Dynamic Averaging", arXiv 2405.20988. K workers train from the last
+synchronized model w0, each on its own data, keeping their local optimizer state
+across synchronizations. After every local step each worker sends a small local
+state (see `fda_estimators`); the workers synchronize iff the estimate of the
+model variance exceeds Θ (the round terminating condition, RTC). A synchronization
+averages the workers' models (plainly, or weighted by ‖u_k‖²), applies an optional
+server optimizer to the averaged pseudo-gradient `w0 − w̄`, and broadcasts.
+
+The same harness runs the fixed-interval baselines: synchronize every τ steps
+(local SGD = FedAvg with τ local steps and full participation; FedAvgM and FedAdam
+apply their server optimizer at each synchronization).
+
+Everything is a pure function of pytrees: `step(state, batch, mask, key)` runs one
+local step of all K workers (vmapped / sharded via `map_clients`), the estimate and
+the conditional synchronization (`lax.cond`); `run_averaging` scans it over a block
+of steps in one compiled program, compiled once per block length.
+
+Example:
+  >>> model = fedjax_sync.models.logistic_regression((60,), 10)
+  >>> algorithm = fda(model.loss, optax.sgd(0.05), num_workers=5, threshold=0.5,
+  ...                 estimator='linear')
+  >>> result = run_averaging(algorithm, model, data, num_steps=500, batch_size=32)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sync import communication
+from fedjax_sync import tree as tree_lib
+from fedjax_sync.algorithms.fda_estimators import (VarianceEstimator, get_estimator,
+                                                   true_variance)
+from fedjax_sync.clients.execution import ClientExecution, map_clients, shard_client_axis
+from fedjax_sync.clients.local import make_local_step
+from fedjax_sync.data.batching import DeviceData, to_device
+from fedjax_sync.data.federated import FederatedData
+from fedjax_sync.types import Params, PyTree
+
+WEIGHTINGS = ('plain', 'drift')
+
+
+class AveragingState(NamedTuple):
+  """State of K workers between local steps.
+
+  Attributes:
+    params: `[K, ...]` the workers' models w_k.
+    opt_state: `[K, ...]` the workers' local optimizer states.
+    anchor: `[...]` the last synchronized model w0.
+    server_opt_state: the server optimizer's state (applied at synchronizations).
+    estimator_state: the variance estimator's state (ξ, sketch hashes, ...).
+    step: int32, local steps taken.
+    num_syncs: int32, synchronizations so far.
+  """
+
+  params: Params
+  opt_state: PyTree
+  anchor: Params
+  server_opt_state: PyTree
+  estimator_state: PyTree
+  step: jax.Array
+  num_syncs: jax.Array
+
+
+class AveragingAlgorithm(NamedTuple):
+  """A step-level averaging algorithm (FDA or fixed-period).
+
+  Attributes:
+    init: `init(params) -> AveragingState` (all workers start at `params`).
+    step: `step(state, batch {[K, B, ...]}, mask [K, B], key) -> (state, metrics)`;
+      metrics: `estimate`, `variance` (true, before any sync), `synced` (bool),
+      `loss` (example-weighted mean training loss of the step).
+    cost: `cost(params) -> communication.CommunicationCost`, static byte counts.
+    num_workers: K.
+    name: e.g. 'fda-linear(Θ=0.5)'.
+  """
+
+  init: Callable[[Params], AveragingState]
+  step: Callable[..., tuple[AveragingState, dict]]
+  cost: Callable[[Params], communication.CommunicationCost]
+  num_workers: int
+  name: str
+
+
+def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                      num_workers: int, estimator: VarianceEstimator | str | None = None,
+                      threshold: float | None = None, period: int | None = None,
+                      server_optimizer: optax.GradientTransformation | None = None,
+                      weighting: str = 'plain', reset_optimizer_on_sync: bool = False,
+                      track_variance: bool = True,
+                      execution: ClientExecution = ClientExecution(),
+                      name: str | None = None) -> AveragingAlgorithm:
+  """Step-level model averaging of K workers with a dynamic or periodic trigger.
+
+  Give either `estimator` and `threshold` (FDA: synchronize iff Est > Θ after a
+  step; arXiv 2405.20988, Algorithm 1) or `period` (synchronize after every τ-th
+  step). With Θ = 0 the workers synchronize after every step in which they moved;
+  with Θ = ∞ never.
+
+  Args:
+    loss_fn: per-example loss `(params, batch, key) -> [B]`.
+    optimizer: the workers' local optax optimizer; its state is kept across
+      synchronizations unless `reset_optimizer_on_sync`.
+    num_workers: K.
+    estimator: a `VarianceEstimator` or a name ('naive', 'naive_per_layer',
+      'linear', 'sketch').
+    threshold: Θ ≥ 0 (may be `math.inf`).
+    period: τ ≥ 1, for fixed-period averaging.
+    server_optimizer: optax transform applied at each synchronization to the
+      averaged pseudo-gradient `w0 − w̄` (default `optax.sgd(1.0)`: w0 ← w̄).
+    weighting: 'plain' (w̄ = mean_k w_k) or 'drift' (weights ∝ ‖u_k‖², plain when
+      no worker moved).
+    reset_optimizer_on_sync: restart the local optimizer states at each sync.
+    track_variance: also compute the true variance each step (a simulation-only
+      metric costing about as much as the naive estimator; off for benchmarks).
+    execution: how the K workers' steps are mapped (vmap / chunked / sequential,
+      sharded over a 'clients' mesh; K must divide by the device count).
+    name: the algorithm's name.
+
+  Returns:
+    an `AveragingAlgorithm`.
+  """
+  if not isinstance(num_workers, int) or num_workers < 1:
+    raise ValueError(f'num_workers must be a positive integer, got {num_workers!r}')
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'unknown weighting {weighting!r}; valid: {", ".join(WEIGHTINGS)}')
+  dynamic = estimator is not None or threshold is not None
+  if dynamic == (period is not None):
+    raise ValueError('give either estimator and threshold (FDA) or period (fixed-interval), '
+                     f'got estimator={estimator!r}, threshold={threshold!r}, period={period!r}')
+  if dynamic:
+    if estimator is None or threshold is None:
+      raise ValueError('FDA needs both estimator and threshold, got '
+                       f'estimator={estimator!r}, threshold={threshold!r}')
+    if isinstance(estimator, str):
+      estimator = get_estimator(estimator)
+    if not (isinstance(threshold, (int, float)) and threshold >= 0):
+      raise ValueError(f'threshold must be a number ≥ 0 (math.inf allowed), got {threshold!r}')
+  elif not isinstance(period, int) or period < 1:
+    raise ValueError(f'period must be a positive integer, got {period!r}')
+  execution = execution.validate()
+  server_optimizer = server_optimizer or optax.sgd(1.0)
+  local_step = make_local_step(loss_fn, optimizer)
+  if name is None:
+    name = f'fda-{estimator.name}(Θ={threshold:g})' if dynamic else f'periodic(τ={period})'
+
+  def stack(tree):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)), tree)
+
+  def init(params):
+    return AveragingState(
+        params=stack(params), opt_state=stack(optimizer.init(params)), anchor=params,
+        server_opt_state=server_optimizer.init(params),
+        estimator_state=estimator.init(params) if dynamic else (),
+        step=jnp.zeros((), jnp.int32), num_syncs=jnp.zeros((), jnp.int32))
+
+  def cost(params):
+    floats = estimator.num_floats(params) if dynamic else 0
+    return communication.averaging_cost(params, num_workers, floats)
+
+  def synchronize(state: AveragingState, params, opt_state, drift_sq):
+    if weighting == 'drift':
+      total = jnp.sum(drift_sq)
+      weights = jnp.where(total > 0, drift_sq / jnp.where(total > 0, total, 1.0),
+                          jnp.full_like(drift_sq, 1.0 / num_workers))
+    else:
+      weights = jnp.full((num_workers,), 1.0 / num_workers, jnp.float32)
+    average = tree_lib.client_weighted_sum(params, weights)
+    pseudo_gradient = tree_lib.tree_sub(state.anchor, average)
+    updates, server_opt_state = server_optimizer.update(
+        pseudo_gradient, state.server_opt_state, state.anchor)
+    anchor = optax.apply_updates(state.anchor, updates)
+    estimator_state = (estimator.update(state.estimator_state, state.anchor, anchor)
+                       if dynamic else state.estimator_state)
+    new_params = shard_client_axis(stack(anchor), execution.mesh)
+    if reset_optimizer_on_sync:
+      opt_state = shard_client_axis(stack(optimizer.init(anchor)), execution.mesh)
+    return new_params, opt_state, anchor, server_opt_state, estimator_state
+
+  def step(state: AveragingState, batch, mask, key):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_workers))
+    inputs = shard_client_axis((state.params, state.opt_state, batch, mask, keys),
+                               execution.mesh)
+    params, opt_state, step_metrics = map_clients(
+        lambda p, o, b, m, k: local_step(p, o, b, m, k), inputs, execution)
+    drifts = jax.tree.map(lambda w, a: w - a[None], params, state.anchor)
+    drift_sq = tree_lib.client_sq_norms(drifts)
+    metrics = {}
+    if dynamic:
+      local_states = jax.vmap(estimator.local_state, in_axes=(0, None))(
+          drifts, state.estimator_state)
+      est = estimator.estimate(local_states, state.estimator_state)
+      do_sync = est > threshold
+      metrics['estimate'] = est
+    else:
+      do_sync = (state.step + 1) % period == 0
+    if track_variance:
+      metrics['variance'] = true_variance(drifts)
+    keep = (params, opt_state, state.anchor, state.server_opt_state, state.estimator_state)
+    params, opt_state, anchor, server_opt_state, estimator_state = jax.lax.cond(
+        do_sync, lambda: synchronize(state, params, opt_state, drift_sq), lambda: keep)
+    examples = jnp.sum(step_metrics.num_examples)
+    metrics['loss'] = jnp.sum(step_metrics.loss_sum) / jnp.maximum(examples, 1)
+    metrics['synced'] = do_sync
+    new_state = AveragingState(
+        params=params, opt_state=opt_state, anchor=anchor, server_opt_state=server_opt_state,
+        estimator_state=estimator_state, step=state.step + 1,
+        num_syncs=state.num_syncs + do_sync.astype(jnp.int32))
+    return new_state, metrics
+
+  return AveragingAlgorithm(init=init, step=step, cost=cost, num_workers=num_workers, name=name)
+
+
+def fda(loss_fn: Callable, optimizer: optax.GradientTransformation, *, num_workers: int,
+        threshold: float, estimator: VarianceEstimator | str = 'linear',
+        **kwargs) -> AveragingAlgorithm:
+  """Federated Dynamic Averaging (arXiv 2405.20988): synchronize iff Est > Θ.
+
+  See `dynamic_averaging` for the options (weighting, server optimizer, mesh).
+  """
+  return dynamic_averaging(loss_fn, optimizer, num_workers=num_workers, estimator=estimator,
+                           threshold=threshold, **kwargs)
+
+
+def local_sgd(loss_fn: Callable, optimizer: optax.GradientTransformation, *, num_workers: int,
+              period: int, **kwargs) -> AveragingAlgorithm:
+  """FedAvg with every-τ-steps synchronization and full participation (local SGD;
+  McMahan et al. 2017, arXiv 1602.05629): w0 ← mean_k w_k every τ steps."""
+  return dynamic_averaging(loss_fn, optimizer, num_workers=num_workers, period=period,
+                           name=kwargs.pop('name', f'fedavg(τ={period})'), **kwargs)
+
+
+def periodic_fed_avg_m(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                       num_workers: int, period: int, server_learning_rate: float = 1.0,
+                       server_momentum: float = 0.9, **kwargs) -> AveragingAlgorithm:
+  """FedAvgM (Hsu et al. 2019, arXiv 1909.06335) every τ steps: server momentum on the
+  averaged pseudo-gradient."""
+  return dynamic_averaging(
+      loss_fn, optimizer, num_workers=num_workers, period=period,
+      server_optimizer=optax.sgd(server_learning_rate, momentum=server_momentum),
+      name=kwargs.pop('name', f'fedavgm(τ={period})'), **kwargs)
+
+
+def periodic_fed_adam(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                      num_workers: int, period: int, server_learning_rate: float = 0.01,
+                      b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3,
+                      **kwargs) -> AveragingAlgorithm:
+  """FedAdam (Reddi et al. 2021, arXiv 2003.00295, Algorithm 2) every τ steps."""
+  from fedjax_sync.algorithms.fed_opt import server_adaptive
+  return dynamic_averaging(
+      loss_fn, optimizer, num_workers=num_workers, period=period,
+      server_optimizer=server_adaptive('adam', server_learning_rate, b1, b2, tau),
+      name=kwargs.pop('name', f'fedadam(τ={period})'), **kwargs)
+
+
+def sample_worker_batches(key: jax.Array, data: DeviceData, worker_clients: jax.Array,
+                          batch_size: int) -> tuple[dict, jax.Array]:
+  """Fresh minibatches `{[K, B, ...]}`, mask `[K, B]` of K workers (inside jit).
+
+  Worker k draws `batch_size` examples uniformly with replacement from its client
+  `worker_clients[k]`'s rows `offsets : offsets + counts`, from the key
+  `fold_in(key, worker_clients[k])`. A client without examples gets a fully masked
+  batch (its step changes nothing).
+  """
+  def one(cid):
+    n = data.counts[cid]
+    draws = jax.random.randint(jax.random.fold_in(key, cid), (batch_size,), 0,
+                               jnp.maximum(n, 1))
+    return data.offsets[cid] + draws, jnp.broadcast_to(n > 0, (batch_size,))
+
+  rows, mask = jax.vmap(one)(worker_clients)
+  return {k: v[rows] for k, v in data.train.items()}, mask
+
+
+class AveragingResult(NamedTuple):
+  """Outcome of `run_averaging`.
+
+  Attributes:
+    state: the final `AveragingState`.
+    history: one row per evaluation: step, syncs, bytes_up/bytes_down (exact
+      cumulative), bytes, test_accuracy, test_loss, train_loss, and the block's
+      mean estimate, mean true variance and `overestimate` (mean Est/Var).
+    steps: per-step numpy arrays (`estimate`, `variance`, `synced`, `loss`).
+    cost: the static `CommunicationCost`.
+    compile_seconds, run_seconds: wall-clock split.
+  """
+
+  state: AveragingState
+  history: list[dict[str, Any]]
+  steps: dict[str, np.ndarray]
+  cost: communication.CommunicationCost
+  compile_seconds: float
+  run_seconds: float
+
+
+def make_block(algorithm: AveragingAlgorithm, device_data: DeviceData,
+               worker_clients: jax.Array, batch_size: int, run_key: jax.Array) -> Callable:
+  """`block(state, start, length)` → (state, stacked metrics), steps start..start+length−1.
+
+  Step t uses key `fold_in(run_key, t)` (split into a batch key and a training
+  key), so results depend only on the seed and the step index.
+  """
+  def body(state, t):
+    batch_key, train_key = jax.random.split(jax.random.fold_in(run_key, t))
+    batch, mask = sample_worker_batches(batch_key, device_data, worker_clients, batch_size)
+    return algorithm.step(state, batch, mask, train_key)
+
+  def block(state, start, length):
+    return jax.lax.scan(body, state, start + jnp.arange(length))
+
+  return jax.jit(block, static_argnums=2)
+
+
+def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, num_steps: int,
+                  batch_size: int = 32, eval_every: int = 50, seed: int = 0,
+                  worker_clients: np.ndarray | None = None,
+                  params: Params | None = None, evaluate: Callable | None = None,
+                  mesh=None) -> AveragingResult:
+  """Runs `num_steps` local steps of K workers, evaluating w0 every `eval_every` steps.
+
+  Args:
+    algorithm: from `fda`, `local_sgd`, `periodic_fed_adam`, ...
+    model: a `fedjax_sync.models.Model` (init and evaluate).
+    data: the federated data; worker k holds client `worker_clients[k]`
+      (default: clients 0..K−1).
+    num_steps: the budget of local steps.
+    batch_size: B.
+    eval_every: steps per compiled block; the last synchronized model w0 (what the
+      server holds) is evaluated on the global test set after each block.
+    seed: the run seed (initial params from `fold_in(key(seed), 2**31 − 1)`).
+    params: optional initial params.
+    evaluate: optional `evaluate(params) -> {'test_accuracy', 'test_loss', ...}`
+      (default: a compiled evaluator of `model.evaluate` on `data.test`).
+    mesh: optional 'clients' mesh; the data is replicated over it.
+  """
+  from fedjax_sync.simulate.evaluation import make_evaluator
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  for label, value in (('num_steps', num_steps), ('batch_size', batch_size),
+                       ('eval_every', eval_every)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'{label} must be a positive integer, got {value!r}')
+  k = algorithm.num_workers
+  if worker_clients is None:
+    if k > data.num_clients:
+      raise ValueError(f'{k} workers but the dataset has only {data.num_clients} clients')
+    worker_clients = np.arange(k)
+  worker_clients = np.asarray(worker_clients, np.int32)
+  if worker_clients.shape != (k,) or worker_clients.min() < 0 or worker_clients.max() >= data.num_clients:
+    raise ValueError(f'worker_clients must be {k} client ids in [0, {data.num_clients}), '
+                     f'got {worker_clients.tolist()}')
+  device_data = to_device(data, NamedSharding(mesh, P()) if mesh is not None else None)
+  run_key = jax.random.key(seed)
+  if params is None:
+    params = model.init(jax.random.fold_in(run_key, 2**31 - 1))
+  if evaluate is None:
+    evaluate = make_evaluator(model.evaluate, data, per_client=False)
+  cost = algorithm.cost(params)
+  block = make_block(algorithm, device_data, jnp.asarray(worker_clients), batch_size, run_key)
+  state = algorithm.init(params)
+  history, pieces = [], []
+  compile_seconds, started = 0.0, time.perf_counter()
+  compiled: dict[int, Callable] = {}
+  t = 0
+  while t < num_steps:
+    length = min(eval_every, num_steps - t)
+    if length not in compiled:
+      t0 = time.perf_counter()
+      compiled[length] = block.lower(state, jnp.asarray(t, jnp.int32), length).compile()
+      compile_seconds += time.perf_counter() - t0
+    state, stacked = compiled[length](state, jnp.asarray(t, jnp.int32))
+    stacked = jax.device_get(stacked)
+    pieces.append(stacked)
+    t += length
+    syncs = int(state.num_syncs)
+    up, down = cost.totals(t, syncs)
+    row = {'step': t, 'syncs': syncs, 'bytes_up': up, 'bytes_down': down, 'bytes': up + down,
+           'train_loss': float(np.mean(stacked['loss']))}
+    row.update({key: float(v) for key, v in jax.device_get(evaluate(state.anchor)).items()
+                if np.ndim(v) == 0})
+    if 'estimate' in stacked:
+      row['estimate_mean'] = float(np.mean(stacked['estimate']))
+    if 'variance' in stacked:
+      row['variance_mean'] = float(np.mean(stacked['variance']))
+      if 'estimate' in stacked:
+        row['overestimate'] = overestimate_ratio(stacked['estimate'], stacked['variance'])
+    history.append(row)
+  steps = {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
+  return AveragingResult(state=state, history=history, steps=steps, cost=cost,
+                         compile_seconds=compile_seconds,
+                         run_seconds=time.perf_counter() - started - compile_seconds)
+
+
+def overestimate_ratio(estimate: np.ndarray, variance: np.ndarray) -> float:
+  """Mean of Est/Var over the steps with Var > 0 (≥ 1 for a conservative estimator);
+  NaN when no step has positive variance."""
+  estimate, variance = np.asarray(estimate, np.float64), np.asarray(variance, np.float64)
+  positive = variance > 1e-12
+  if not positive.any():
+    return math.nan
+  return float(np.mean(estimate[positive] / variance[positive]))

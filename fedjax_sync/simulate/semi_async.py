@@ -337,7 +337,8 @@ class SemiAsyncSimulator:
   def init(self, params: Params | None = None) -> AsyncState:
     if params is None:
       params = self.model.init(jax.random.fold_in(self._run_key, 2**31 - 1))
-    return self._init(params)
+    # Fresh buffers: equal constants may share one, and the blocks donate the state.
+    return jax.tree.map(jnp.copy, self._init(params))
 
   def _block(self, state: AsyncState, length: int) -> Callable:
     if length not in self._blocks:

@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the client axis over all local devices ('clients' mesh)")
   run.add_argument('--run-dir', default=None, help='default: runs/<algorithm>-<time>')
   run.add_argument('--quiet', action='store_true', help='no progress bar')
+  run.add_argument('--checkpoint-every', type=_positive_int, default=None, metavar='K',
+                   help='save the whole simulation state every K rounds (and on Ctrl-C)')
+  run.add_argument('--resume', default=None, metavar='RUN_DIR',
+                   help="continue the run in RUN_DIR from its newest valid checkpoint "
+                        "(its config.json gives the other options)")
+
+  bench = sub.add_parser('bench', help='time FedAvg rounds per execution strategy '
+                                       '(experiments/benchmark.py)')
+  bench.add_argument('--run-dir', default=None, help='default: runs/benchmark-<time>')
+  bench.add_argument('--quick', action='store_true', help='small workloads, few repeats')
+  bench.add_argument('--workloads', nargs='+', default=None,
+                     help='mlp_100 cnn_10 cnn_100 logreg_synthetic (default: all)')
   return parser
 
 
@@ -103,6 +115,10 @@ def _make_run_dir(path: str | None, name: str) -> str:
 def _run(args) -> int:
   import fedjax_sync as fs
   from fedjax_sync.data.registry import default_model, load_dataset
+  from fedjax_sync.simulate import checkpoint
+
+  if args.resume is not None:
+    args = checkpoint.resumed_cli_args(args)
 
   data = load_dataset(args.dataset, num_clients=args.num_clients, seed=args.seed)
   model_name = args.model or default_model(args.dataset)
@@ -123,15 +139,21 @@ def _run(args) -> int:
   config = fs.SimulationConfig(num_rounds=args.rounds, clients_per_round=args.clients_per_round,
                                local_work=work, eval_every=args.eval_every, seed=args.seed)
   simulator = fs.Simulator(algorithm, model, data, config, execution=execution)
-  run_dir = _make_run_dir(args.run_dir, args.algorithm)
+  run_dir = args.resume or _make_run_dir(args.run_dir, args.algorithm)
   with open(os.path.join(run_dir, 'config.json'), 'w') as f:
     json.dump({'command': 'run', 'algorithm': args.algorithm, 'dataset': args.dataset,
                'model': model_name, 'num_clients': data.num_clients,
                'hyperparameters': dataclasses.asdict(hparams),
                'simulation': {**dataclasses.asdict(config), 'local_work': work._asdict()},
                'execution': {'strategy': args.execution, 'chunk_size': args.chunk_size,
-                             'devices': execution.num_shards}}, f, indent=2)
-  result = simulator.run(simulator.init(), run_dir=run_dir, progress=not args.quiet)
+                             'devices': execution.num_shards},
+               'cli_args': {k: v for k, v in vars(args).items() if k != 'resume'}}, f, indent=2)
+  if args.checkpoint_every or args.resume:
+    result = checkpoint.run_with_checkpoints(simulator, run_dir=run_dir, every=args.checkpoint_every,
+                                             resume=args.resume is not None,
+                                             progress=not args.quiet)
+  else:
+    result = simulator.run(simulator.init(), run_dir=run_dir, progress=not args.quiet)
   final = result.final_eval
   print(f'{args.algorithm} on {data.name}: test accuracy {float(final["test_accuracy"]):.4f}, '
         f'test loss {float(final["test_loss"]):.4f} after {args.rounds} rounds '
@@ -153,6 +175,23 @@ def _list(args) -> int:
   print('algorithms:')
   for k, v in algorithm_descriptions().items():
     print(f'  {k:24s} {v}')
+  return 0
+
+
+def _bench(args) -> int:
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'experiments', 'benchmark.py')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found: bench runs from a source checkout')
+  spec = importlib.util.spec_from_file_location('fedjax_sync_benchmark', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  run_dir = args.run_dir or os.path.join('runs', f'benchmark-{time.strftime("%Y%m%d-%H%M%S")}')
+  headline = module.run(run_dir, quick=args.quick, workloads=args.workloads)
+  print(json.dumps(headline, indent=2))
+  print(f'table in {os.path.join(run_dir, "summary.md")}')
   return 0
 
 
@@ -189,7 +228,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   command = args.command or 'demo'
   try:
-    return {'demo': _demo, 'list': _list, 'run': _run}[command](args)
+    return {'demo': _demo, 'list': _list, 'run': _run, 'bench': _bench}[command](args)
   except (ValueError, FileNotFoundError) as e:
     print(f'fedjax-sync: error: {e}', file=sys.stderr)
     return USAGE_ERROR

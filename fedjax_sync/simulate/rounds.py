@@ -157,7 +157,8 @@ class Simulator:
     return jax.device_get(self._evaluate(params))
 
   def run(self, state: ServerState, *, start_round: int = 0, run_dir: str | None = None,
-          progress: bool = True, on_block: Callable | None = None) -> SimulationResult:
+          progress: bool = True, on_block: Callable | None = None,
+          block_every: int | None = None) -> SimulationResult:
     """Runs the remaining rounds from `start_round`, evaluating every `eval_every`.
 
     Args:
@@ -167,6 +168,8 @@ class Simulator:
       progress: show a progress bar (round, accuracy, ETA).
       on_block: called as `on_block(state, rounds_done, history)` after each block
         (e.g. to checkpoint).
+      block_every: also end a compiled block at every multiple of this many rounds
+        (checkpoint boundaries); evaluation still happens every `eval_every` only.
     """
     cfg = self.config
     history: list[dict[str, Any]] = []
@@ -182,13 +185,16 @@ class Simulator:
       r = start_round
       while r < cfg.num_rounds:
         length = min(cfg.eval_every - r % cfg.eval_every, cfg.num_rounds - r)
+        if block_every:
+          length = min(length, block_every - r % block_every)
+        evaluate_now = (r + length) % cfg.eval_every == 0 or r + length == cfg.num_rounds
         if length not in self._blocks:
           t0 = time.perf_counter()
           self._block(state, length)
           compile_seconds += time.perf_counter() - t0
         state, stacked = self.run_rounds(state, r, length)
         stacked = jax.device_get(stacked)
-        evaluation = self.evaluate(state.params)
+        evaluation = self.evaluate(state.params) if evaluate_now else {}
         for i in range(length):
           row = {'round': r + i + 1, **_scalar_metrics(stacked, i)}
           if i == length - 1:
@@ -201,6 +207,7 @@ class Simulator:
         r += length
         if bar is not None:
           bar.update(length)
+        if bar is not None and evaluation:
           bar.set_postfix(acc=f"{float(evaluation['test_accuracy']):.4f}",
                           loss=f"{float(evaluation['test_loss']):.4f}")
         if on_block is not None:

@@ -22,3 +22,14 @@ from fedjax_sync.algorithms.scaffold import ScaffoldExtra, scaffold, scaffold_mo
 
 __all__ += ['ScaffoldExtra', 'fed_gh', 'fed_sagm', 'fed_sam', 'kuramoto_fedavg', 'scaffold',
             'scaffold_modified', 'sharpness']
+
+# Federated Dynamic Averaging and step-level periodic averaging (issue #6).
+from fedjax_sync.algorithms.fda import (AveragingAlgorithm, AveragingResult,  # noqa: E402
+                                        AveragingState, dynamic_averaging, fda, local_sgd,
+                                        periodic_fed_adam, periodic_fed_avg_m, run_averaging,
+                                        sample_worker_batches)
+from fedjax_sync.algorithms.fda_estimators import VarianceEstimator  # noqa: E402
+
+__all__ += ['AveragingAlgorithm', 'AveragingResult', 'AveragingState', 'VarianceEstimator',
+            'dynamic_averaging', 'fda', 'local_sgd', 'periodic_fed_adam', 'periodic_fed_avg_m',
+            'run_averaging', 'sample_worker_batches']

@@ -1,5 +1,6 @@
 """Checkpoints: bitwise round trips, corrupt-checkpoint fallback, Ctrl-C and --resume."""
 
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ from fedjax_sync import cli
 from fedjax_sync.simulate import checkpoint
 
 
+@functools.lru_cache(maxsize=None)
 def _simulator(num_rounds=8, eval_every=3, seed=0):
+  # Cached: a Simulator is stateless apart from its compiled blocks, so tests share one.
   data = fs.synthetic(1.0, 1.0, num_clients=12, seed=0)
   model = fs.models.logistic_regression((60,), 10)
   algorithm = fs.fed_avg_m(model.loss, optax.sgd(0.05), server_learning_rate=1.0,
@@ -137,31 +140,35 @@ def test_checkpointed_run_equals_plain_run(tmp_path):
   checkpointed = checkpoint.run_with_checkpoints(_simulator(), run_dir=str(tmp_path), every=2,
                                                  progress=False)
   _assert_bitwise(checkpointed.state, plain.state)
+  assert ([r['train_loss'] for r in checkpointed.history]
+          == [r['train_loss'] for r in plain.history])
   eval_rounds = [r['round'] for r in checkpointed.history if 'test_accuracy' in r]
   assert eval_rounds == [3, 6, 8]   # checkpoint blocks do not add evaluations
 
 
 def test_cli_checkpoint_every_and_resume(tmp_path, capsys):
-  common = ['run', '--rounds', '6', '--num-clients', '8', '--clients-per-round', '3',
-            '--local-steps', '2', '--eval-every', '3', '--quiet']
-  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-  assert cli.main(common + ['--run-dir', a]) == 0
-  assert cli.main(common + ['--run-dir', b, '--checkpoint-every', '2']) == 0
-  ckpts = checkpoint.list_checkpoints(os.path.join(b, checkpoint.CHECKPOINT_DIR))
+  b = str(tmp_path / 'b')
+  assert cli.main(['run', '--rounds', '6', '--num-clients', '8', '--clients-per-round', '3',
+                   '--local-steps', '2', '--eval-every', '3', '--quiet', '--run-dir', b,
+                   '--checkpoint-every', '2']) == 0
+  directory = os.path.join(b, checkpoint.CHECKPOINT_DIR)
+  ckpts = checkpoint.list_checkpoints(directory)
   assert [r for r, _ in ckpts] == [4, 6]
+  template = _cli_template(b)
+  first = checkpoint.restore_latest(directory, template)
+  with open(os.path.join(b, 'metrics.jsonl')) as f:
+    rows_first = [json.loads(line) for line in f]
   # Lose the last checkpoint, then resume: rounds 5 and 6 run again.
   import shutil
   shutil.rmtree(ckpts[-1][1])
   assert cli.main(['run', '--resume', b, '--quiet']) == 0
   assert 'resuming from' in capsys.readouterr().err
-  with open(os.path.join(a, 'metrics.jsonl')) as f:
-    rows_a = [json.loads(line) for line in f]
   with open(os.path.join(b, 'metrics.jsonl')) as f:
-    rows_b = [json.loads(line) for line in f]
-  assert rows_a == rows_b
-  like = checkpoint.restore_latest(os.path.join(b, checkpoint.CHECKPOINT_DIR),
-                                        _cli_template(b))
-  assert like.rounds_done == 6
+    rows_second = [json.loads(line) for line in f]
+  assert rows_second == rows_first and len(rows_first) == 6
+  second = checkpoint.restore_latest(directory, template)
+  assert second.rounds_done == 6
+  _assert_bitwise(second.state, first.state)
 
 
 def _cli_template(run_dir):

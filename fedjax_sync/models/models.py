@@ -121,3 +121,6 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int) -> Model:
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; valid: {", ".join(sorted(MODELS))}')
   return MODELS[name](tuple(input_shape), num_classes)
+
+from fedjax_sync.models.lenet import lenet5  # noqa: E402  (lenet builds on _classifier above)
+MODELS['lenet5'] = lenet5

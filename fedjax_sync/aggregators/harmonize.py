@@ -25,9 +25,15 @@ Zero-weight (padded) clients take part in no pair.
 
 [UNCONF] which vectors the conflict test and the projection use is not settled by
 the paper: `mode='original'` (default, the paper's notation: test and project
-against the originals g̃) or `mode='running'` (both against the current,
-already-harmonized values, both sides of a pair computed from the values before
-that pair).
+against the originals g̃) or `mode='running'` (the two assignments of a pair
+executed in order against the current values: g_i is projected off the current
+g_j, then g_j off the new g_i — a no-op up to rounding, since the new g_i is
+orthogonal to g_j — so a harmonized pair ends orthogonal, PCGrad-like).
+
+Two clients: in 'original' mode the projected pair has
+`g_i · g_j = −a (1 − a²/(‖g̃_i‖²‖g̃_j‖²)) > 0` (a = g̃_i · g̃_j < 0), so the conflict
+becomes a positive alignment; in 'running' mode it becomes orthogonal. With more
+clients later projections can re-create conflicts, which `conflicts_after` counts.
 """
 
 from __future__ import annotations
@@ -85,15 +91,18 @@ def harmonize_coefficients(gram: jax.Array, present: jax.Array, mode: str = 'ori
       coef_j = jnp.dot(a[j], gram[:, i]) / jnp.maximum(gram[i, i], tiny)
       new_i = a[i] - coef_i * eye[j]
       new_j = a[j] - coef_j * eye[i]
-    else:
-      gi, gj = a[i] @ gram, a[j] @ gram           # rows of A G
-      dot_ij = jnp.dot(gi, a[j])                   # g_i · g_j
-      conflict = both & (dot_ij < 0)
-      sq_i, sq_j = jnp.dot(gi, a[i]), jnp.dot(gj, a[j])
-      new_i = a[i] - dot_ij / jnp.maximum(sq_j, tiny) * a[j]
-      new_j = a[j] - dot_ij / jnp.maximum(sq_i, tiny) * a[i]
-    a = a.at[i].set(jnp.where(conflict, new_i, a[i]))
-    return a.at[j].set(jnp.where(conflict, new_j, a[j]))
+      a = a.at[i].set(jnp.where(conflict, new_i, a[i]))
+      return a.at[j].set(jnp.where(conflict, new_j, a[j]))
+    # 'running': the two assignments in order, each against the current values.
+    gj_row = a[j] @ gram                          # g_j · g̃_m for every m
+    dot_ij = jnp.dot(gj_row, a[i])                # g_i · g_j
+    conflict = both & (dot_ij < 0)
+    sq_j = jnp.dot(gj_row, a[j])
+    new_i = jnp.where(conflict, a[i] - dot_ij / jnp.maximum(sq_j, tiny) * a[j], a[i])
+    gi_row = new_i @ gram
+    coef_j = jnp.dot(gi_row, a[j]) / jnp.maximum(jnp.dot(gi_row, new_i), tiny)
+    new_j = jnp.where(conflict, a[j] - coef_j * new_i, a[j])
+    return a.at[i].set(new_i).at[j].set(new_j)
 
   return jax.lax.fori_loop(0, first.shape[0], body, eye)
 
@@ -139,12 +148,12 @@ def harmonize(mode: str = 'original') -> Aggregator:
     del state, key, client_ids
     leaves = jax.tree.leaves(updates)
     num = leaves[0].shape[0]
-    w = (jnp.ones((num,), jnp.float32) if weights is None else weights).astype(jnp.float32)
-    present = w > 0
     gram = tree_lib.client_gram(updates)
+    w = (jnp.ones((num,), gram.dtype) if weights is None else weights).astype(gram.dtype)
+    present = w > 0
     coeffs = harmonize_coefficients(gram, present, mode)
     total = jnp.sum(w)
-    p = (w / jnp.where(total > 0, total, 1.0)).astype(gram.dtype)
+    p = w / jnp.where(total > 0, total, 1.0)
     out = tree_lib.client_weighted_sum(updates, p @ coeffs)
     after = coeffs @ gram @ coeffs.T
     num_present = jnp.sum(present).astype(jnp.int32)

@@ -57,11 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='command', parser_class=_Parser)
 
   sub.add_parser('demo', help='FedAvg, FedProx, FedSGD and FedAdam on Synthetic(1, 1) (default)')
-  sub.add_parser('list', help='datasets, models and algorithms available')
+  listing = sub.add_parser('list', help='datasets (and which are prepared), models, algorithms')
+  listing.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
 
-  run = sub.add_parser('run', help='run one algorithm')
+  plot = sub.add_parser('plot', help='overlay runs: test accuracy and loss against rounds')
+  plot.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
+  plot.add_argument('--out', default=None, help='PNG path (default: RUN_DIR/overlay.png)')
+
+  run = sub.add_parser('run', help='run one algorithm, or a study with --config')
   run.add_argument('--algorithm', default='fedavg', choices=algorithm_names())
-  run.add_argument('--dataset', default='synthetic', choices=dataset_names())
+  run.add_argument('--dataset', default=None, choices=dataset_names(),
+                   help="default: synthetic (with --config: the study's own)")
   run.add_argument('--model', default=None, choices=sorted(MODELS),
                    help="default: the dataset's usual model")
   run.add_argument('--num-clients', type=_positive_int, default=30, help='population size N')
@@ -91,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help="continue the run in RUN_DIR from its newest valid checkpoint "
                         "(its config.json gives the other options)")
+  run.add_argument('--config', default=None, metavar='STUDY.py',
+                   help='run a study file (experiments/*.py) defining run(run_dir, ...)')
+  run.add_argument('--quick', action='store_true', help='with --config: the reduced CI size')
+  run.add_argument('--seeds', type=_positive_int, default=None,
+                   help="with --config: number of seeds (default: the study's)")
+  run.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
 
   bench = sub.add_parser('bench', help='time FedAvg rounds per execution strategy '
                                        '(experiments/benchmark.py)')
@@ -117,10 +129,15 @@ def _run(args) -> int:
   from fedjax_sync.data.registry import default_model, load_dataset
   from fedjax_sync.simulate import checkpoint
 
+  if args.config is not None:
+    return _run_config(args)
   if args.resume is not None:
     args = checkpoint.resumed_cli_args(args)
+  if args.dataset is None:
+    args.dataset = 'synthetic'
 
-  data = load_dataset(args.dataset, num_clients=args.num_clients, seed=args.seed)
+  data = load_dataset(args.dataset, num_clients=args.num_clients, seed=args.seed,
+                      data_dir=getattr(args, 'data_dir', None))
   model_name = args.model or default_model(args.dataset)
   input_shape = data.train['x'].shape[1:]
   model = fs.models.get_model(model_name, input_shape, data.num_classes)
@@ -166,8 +183,13 @@ def _list(args) -> int:
   from fedjax_sync.data.registry import dataset_descriptions
   from fedjax_sync.models import MODELS
 
+  from fedjax_sync.data.tfds import TFDS_DATASETS, is_prepared, prepare_command
+
   print('datasets:')
   for k, v in dataset_descriptions().items():
+    if k in TFDS_DATASETS:
+      v += (' [prepared]' if is_prepared(k, args.data_dir) else
+            f' [not prepared; run: {prepare_command(k, args.data_dir)}]')
     print(f'  {k:24s} {v}')
   print('models:')
   for k in sorted(MODELS):
@@ -175,6 +197,62 @@ def _list(args) -> int:
   print('algorithms:')
   for k, v in algorithm_descriptions().items():
     print(f'  {k:24s} {v}')
+  return 0
+
+
+def _load_study(path: str):
+  """Imports a study file by path; it must define `run(run_dir, *, quick, dataset, seeds)`."""
+  import importlib.util
+
+  if not path.endswith('.py') or not os.path.isfile(path):
+    studies = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           'experiments')
+    found = sorted(f for f in os.listdir(studies) if f.endswith('.py')) if os.path.isdir(
+        studies) else []
+    raise FileNotFoundError(f'--config {path!r} is not a .py study file; valid: a path such as '
+                            + (', '.join(f'experiments/{f}' for f in found) or 'experiments/x.py'))
+  name = 'fedjax_sync_study_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not callable(getattr(module, 'run', None)):
+    raise ValueError(f'--config {path!r} defines no run(run_dir, *, quick, dataset, seeds)')
+  return module
+
+
+def _run_config(args) -> int:
+  import inspect
+
+  module = _load_study(args.config)
+  stem = os.path.splitext(os.path.basename(args.config))[0]
+  run_dir = args.run_dir or os.path.join('runs', f'{stem}-{time.strftime("%Y%m%d-%H%M%S")}')
+  if os.path.isdir(run_dir) and os.listdir(run_dir):
+    raise ValueError(f'--run-dir {run_dir!r} is not empty; choose a new directory')
+  kwargs = dict(quick=args.quick, dataset=args.dataset, seeds=args.seeds)
+  accepted = inspect.signature(module.run).parameters
+  takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+  for key, value in (('data_dir', args.data_dir), ('progress', not args.quiet)):
+    if takes_any or key in accepted:
+      kwargs[key] = value
+  headline = module.run(run_dir, **kwargs)
+  if not args.quiet:
+    print(json.dumps(headline, indent=2, default=str))
+  print(f'results in {run_dir} (summary.md, metrics.jsonl, *.png)')
+  return 0
+
+
+def _plot(args) -> int:
+  from fedjax_sync import reporting
+
+  for d in args.run_dirs:
+    if not os.path.isfile(os.path.join(d, 'metrics.jsonl')):
+      raise FileNotFoundError(f'RUN_DIR {d!r} has no metrics.jsonl; valid: a directory written '
+                              'by fedjax-sync run')
+  out = args.out or os.path.join(args.run_dirs[0], 'overlay.png')
+  if not out.endswith('.png') or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+    raise ValueError(f'--out {out!r} must be a .png path in an existing directory')
+  reporting.plot_runs(out, args.run_dirs)
+  print(out)
   return 0
 
 
@@ -228,7 +306,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   command = args.command or 'demo'
   try:
-    return {'demo': _demo, 'list': _list, 'run': _run, 'bench': _bench}[command](args)
+    return {'demo': _demo, 'list': _list, 'run': _run, 'bench': _bench,
+            'plot': _plot}[command](args)
   except (ValueError, FileNotFoundError) as e:
     print(f'fedjax-sync: error: {e}', file=sys.stderr)
     return USAGE_ERROR

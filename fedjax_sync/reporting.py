@@ -114,3 +114,80 @@ def plot_lines(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[f
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+SERIES_KEYS = ('algorithm', 'dataset', 'partition', 'alpha', 'client_learning_rate',
+               'server_learning_rate')
+
+
+def series_key(row: Mapping[str, Any], keys: Sequence[str] = SERIES_KEYS) -> str:
+  """A label from the identifying fields of a metrics row (seed excluded), e.g. 'fedavg α=0.1'."""
+  parts = []
+  for k in keys:
+    if k in row and row[k] is not None:
+      v = row[k]
+      parts.append(f'α={v}' if k == 'alpha' else (str(v) if k == 'algorithm' else f'{k}={v}'))
+  return ' '.join(parts) or 'run'
+
+
+def curves(rows: Iterable[Mapping[str, Any]], metric: str,
+           keys: Sequence[str] = SERIES_KEYS) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Per series: `(rounds, mean over seeds, std over seeds)` of `metric` at the rounds it exists.
+
+  Rows are grouped by `series_key`; rows of different seeds at the same round are
+  averaged (population std). Rows without `metric` (e.g. between evaluations) are skipped.
+  """
+  grouped: dict[str, dict[int, list[float]]] = {}
+  for row in rows:
+    if metric not in row or 'round' not in row:
+      continue
+    value = row[metric]
+    if not isinstance(value, (int, float)):
+      continue
+    grouped.setdefault(series_key(row, keys), {}).setdefault(int(row['round']), []).append(
+        float(value))
+  out = {}
+  for label, by_round in grouped.items():
+    rounds = np.array(sorted(by_round))
+    values = [np.asarray(by_round[r]) for r in rounds]
+    out[label] = (rounds, np.array([v.mean() for v in values]), np.array([v.std() for v in values]))
+  return out
+
+
+def plot_runs(path: str, run_dirs: Sequence[str],
+              metrics: Sequence[str] = ('test_accuracy', 'test_loss')) -> str:
+  """Overlays runs: one panel per metric against rounds, one line per run and series.
+
+  Each run directory's `metrics.jsonl` is grouped into series (`series_key`) and
+  averaged over seeds, with a ± std band. Lines are labelled `<run dir>: <series>`
+  when several run directories are given.
+  """
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  loaded = [(os.path.basename(os.path.normpath(d)) or d, read_metrics(d)) for d in run_dirs]
+  fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.2), dpi=110,
+                           squeeze=False)
+  found = False
+  for ax, metric in zip(axes[0], metrics):
+    for name, rows in loaded:
+      for label, (x, mean, std) in curves(rows, metric).items():
+        found = True
+        full = f'{name}: {label}' if len(loaded) > 1 else label
+        ax.plot(x, mean, label=full, marker='o' if len(x) <= 12 else None, markersize=3)
+        if np.any(std > 0):
+          ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel('round')
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  if not found:
+    plt.close(fig)
+    raise ValueError(f'no {" or ".join(metrics)} rows in {", ".join(run_dirs)}; '
+                     'nothing to plot')
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path

@@ -19,6 +19,8 @@ prepared the error names it, the directory searched and the command above.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import NamedTuple
 
 import numpy as np
@@ -61,6 +63,18 @@ def _tfds():
   return tfds
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """Hides TFDS's absl warnings about absent version folders while probing."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def prepare_command(name: str, data_dir: str | None = None) -> str:
   """The shell command that prepares `name` for `tfds.data_source`."""
   where = f' --data_dir={data_dir}' if data_dir else ''
@@ -69,13 +83,15 @@ def prepare_command(name: str, data_dir: str | None = None) -> str:
 
 def dataset_dir(name: str, data_dir: str | None = None) -> str:
   """Where TFDS looks for the prepared dataset (including its version)."""
-  return str(_tfds().builder(_spec(name).tfds_name, data_dir=data_dir).data_dir)
+  with _quiet_absl():
+    return str(_tfds().builder(_spec(name).tfds_name, data_dir=data_dir).data_dir)
 
 
 def is_prepared(name: str, data_dir: str | None = None) -> bool:
   """Whether `name` is prepared in `data_dir` (else TFDS's default directory)."""
   try:
-    return bool(_tfds().builder(_spec(name).tfds_name, data_dir=data_dir).is_prepared())
+    with _quiet_absl():
+      return bool(_tfds().builder(_spec(name).tfds_name, data_dir=data_dir).is_prepared())
   except Exception:  # noqa: BLE001 - a broken or foreign directory is "not prepared"
     return False
 
@@ -115,7 +131,8 @@ def tfds_arrays(name: str, *, data_dir: str | None = None):
   splits = []
   for split in ('train', 'test'):
     try:
-      source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+      with _quiet_absl():
+        source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as error:  # noqa: BLE001 - TFDS raises several types; explain below
       where = dataset_dir(name, data_dir)
       if not is_prepared(name, data_dir):

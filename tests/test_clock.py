@@ -75,7 +75,8 @@ def test_job_times_vary_per_job_and_do_not_depend_on_other_clients():
   t_alone = clock_lib.job_times(clock, key, jnp.asarray([3]), 7)
   assert float(t[1]) == float(t_alone[0])
   assert float(t[1]) != float(clock_lib.job_times(clock, key, jnp.asarray([3]), 8)[0])
-  many = jax.vmap(lambda j: clock_lib.job_available(clock, key, jnp.arange(8), j))(jnp.arange(500))
+  many = jax.jit(jax.vmap(lambda j: clock_lib.job_available(clock, key, jnp.arange(8), j)))(
+      jnp.arange(500))
   assert 0.5 < float(jnp.mean(many)) < 0.7  # dropout 0.4
   masks = np.ones((2, 8), bool)
   masks[1, 2] = False
@@ -97,8 +98,8 @@ def test_wait_all_without_stragglers_equals_the_plain_round():
   state = algorithm.init(init_params())
   batch, key = _batch(), jax.random.key(1)
   clocked = clock_lib.with_clock(algorithm, clock_lib.make_clock(np.arange(1.0, 6.0)))
-  expected, _ = algorithm.round(state, batch, key)
-  got, metrics = clocked.round(state, batch, key)
+  expected, _ = jax.jit(algorithm.round)(state, batch, key)
+  got, metrics = jax.jit(clocked.round)(state, batch, key)
   chex.assert_trees_all_equal(got.params, expected.params)
   assert float(metrics['round_time']) == 5.0 and float(metrics['num_arrived']) == 5
 
@@ -110,16 +111,15 @@ def test_dropped_and_late_clients_never_contribute():
   masks = np.ones((1, 5), bool)
   masks[0, 2] = False                       # client 2 is never available
   clock = clock_lib.make_clock([1.0, 1.0, 1.0, 1.0, 9.0], availability=masks)  # client 4 is slow
-  got, metrics = clock_lib.with_clock(algorithm, clock, clock_lib.with_deadline(2.0)).round(
-      state, batch, key)
+  clocked = jax.jit(clock_lib.with_clock(algorithm, clock, clock_lib.with_deadline(2.0)).round)
+  got, metrics = clocked(state, batch, key)
   weight = batch.weight.at[jnp.asarray([2, 4])].set(0.0)
-  expected, _ = algorithm.round(state, batch._replace(weight=weight), key)
+  expected, _ = jax.jit(algorithm.round)(state, batch._replace(weight=weight), key)
   chex.assert_trees_all_close(got.params, expected.params, rtol=1e-6)
   # Changing the dropped and the late client's data changes nothing.
   poisoned = jax.tree.map(lambda x: x.at[jnp.asarray([2, 4])].set(x[jnp.asarray([2, 4])] * 3 + 1),
                           batch.data)
-  again, _ = clock_lib.with_clock(algorithm, clock, clock_lib.with_deadline(2.0)).round(
-      state, batch._replace(data=poisoned), key)
+  again, _ = clocked(state, batch._replace(data=poisoned), key)
   chex.assert_trees_all_close(again.params, got.params, rtol=1e-6)
   assert float(metrics['num_dropped']) == 1 and float(metrics['num_late']) == 1
   assert float(metrics['round_time']) == 2.0

@@ -1,5 +1,6 @@
 """FDA: estimator oracles and invariants, sync rules, equality with FedAvg, sharding."""
 
+import importlib
 import math
 
 import chex
@@ -10,10 +11,12 @@ import optax
 import pytest
 
 import fedjax_sync as fs
-from fedjax_sync.algorithms import fda as fda_lib
 from fedjax_sync.algorithms import fda_estimators as est
 from fedjax_sync.data.batching import to_device
 from fedjax_sync.data.registry import load_dataset
+
+# The package exports the function `fda`, which shadows the module attribute.
+fda_lib = importlib.import_module('fedjax_sync.algorithms.fda')
 
 K = 4
 BATCH = 8
@@ -145,9 +148,9 @@ def test_sketch_is_linear_and_matches_numpy():
 def _run_steps(algorithm, data, params, num_steps, *, seed=0, mesh=None):
   from jax.sharding import NamedSharding, PartitionSpec as P
   device_data = to_device(data, NamedSharding(mesh, P()) if mesh is not None else None)
-  block = fda_lib.make_block(algorithm, device_data, jnp.arange(K, dtype=jnp.int32), BATCH,
-                             jax.random.key(seed))
-  return block(algorithm.init(params), jnp.zeros((), jnp.int32), num_steps)
+  block = fda_lib.make_block(algorithm, BATCH)
+  return block(algorithm.init(params), jnp.zeros((), jnp.int32), jax.random.key(seed),
+               device_data, jnp.arange(K, dtype=jnp.int32), num_steps)
 
 
 def test_theta_zero_equals_fedavg_one_step_rounds(setup):
@@ -241,7 +244,12 @@ def test_run_averaging_bytes_and_no_retrace(setup):
   result = fda_lib.run_averaging(algorithm, model, data, num_steps=12, batch_size=BATCH,
                                  eval_every=4, params=params,
                                  evaluate=lambda p: {'test_accuracy': jnp.zeros(())})
-  assert len(traces) == 1   # one compiled block serves all three blocks
+  # Another Θ and seed reuse the compiled block.
+  other = fda_lib.run_averaging(algorithm, model, data, num_steps=8, batch_size=BATCH,
+                                eval_every=4, params=params, threshold=1e9, seed=3,
+                                evaluate=lambda p: {'test_accuracy': jnp.zeros(())})
+  assert len(traces) == 1   # one compilation served all five blocks
+  assert int(other.state.num_syncs) == 0 and other.compile_seconds == 0.0
   syncs = int(result.state.num_syncs)
   assert syncs == int(np.sum(result.steps['synced']))
   last = result.history[-1]

@@ -60,6 +60,8 @@ class AveragingState(NamedTuple):
     estimator_state: the variance estimator's state (ξ, sketch hashes, ...).
     step: int32, local steps taken.
     num_syncs: int32, synchronizations so far.
+    threshold: float32 Θ of the RTC (a value, not a constant of the program, so a
+      grid of thresholds and seeds shares one compiled program); ∞ when periodic.
   """
 
   params: Params
@@ -69,13 +71,15 @@ class AveragingState(NamedTuple):
   estimator_state: PyTree
   step: jax.Array
   num_syncs: jax.Array
+  threshold: jax.Array
 
 
 class AveragingAlgorithm(NamedTuple):
   """A step-level averaging algorithm (FDA or fixed-period).
 
   Attributes:
-    init: `init(params) -> AveragingState` (all workers start at `params`).
+    init: `init(params, threshold=None) -> AveragingState` (all workers start at
+      `params`; `threshold` overrides the algorithm's Θ).
     step: `step(state, batch {[K, B, ...]}, mask [K, B], key) -> (state, metrics)`;
       metrics: `estimate`, `variance` (true, before any sync), `synced` (bool),
       `loss` (example-weighted mean training loss of the step).
@@ -150,18 +154,26 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
   execution = execution.validate()
   server_optimizer = server_optimizer or optax.sgd(1.0)
   local_step = make_local_step(loss_fn, optimizer)
+  default_threshold = float(threshold) if dynamic else math.inf
   if name is None:
     name = f'fda-{estimator.name}(Θ={threshold:g})' if dynamic else f'periodic(τ={period})'
 
   def stack(tree):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_workers,) + jnp.shape(x)), tree)
 
-  def init(params):
+  def init(params, threshold=None):
+    if threshold is None:
+      threshold = default_threshold
+    elif not dynamic:
+      raise ValueError('a threshold applies to FDA only, not to fixed-period averaging')
+    elif not (isinstance(threshold, (int, float)) and threshold >= 0):
+      raise ValueError(f'threshold must be a number ≥ 0 (math.inf allowed), got {threshold!r}')
     return AveragingState(
         params=stack(params), opt_state=stack(optimizer.init(params)), anchor=params,
         server_opt_state=server_optimizer.init(params),
         estimator_state=estimator.init(params) if dynamic else (),
-        step=jnp.zeros((), jnp.int32), num_syncs=jnp.zeros((), jnp.int32))
+        step=jnp.zeros((), jnp.int32), num_syncs=jnp.zeros((), jnp.int32),
+        threshold=jnp.asarray(threshold, jnp.float32))
 
   def cost(params):
     floats = estimator.num_floats(params) if dynamic else 0
@@ -199,7 +211,7 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
       local_states = jax.vmap(estimator.local_state, in_axes=(0, None))(
           drifts, state.estimator_state)
       est = estimator.estimate(local_states, state.estimator_state)
-      do_sync = est > threshold
+      do_sync = est > state.threshold
       metrics['estimate'] = est
     else:
       do_sync = (state.step + 1) % period == 0
@@ -214,7 +226,7 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
     new_state = AveragingState(
         params=params, opt_state=opt_state, anchor=anchor, server_opt_state=server_opt_state,
         estimator_state=estimator_state, step=state.step + 1,
-        num_syncs=state.num_syncs + do_sync.astype(jnp.int32))
+        num_syncs=state.num_syncs + do_sync.astype(jnp.int32), threshold=state.threshold)
     return new_state, metrics
 
   return AveragingAlgorithm(init=init, step=step, cost=cost, num_workers=num_workers, name=name)
@@ -302,30 +314,46 @@ class AveragingResult(NamedTuple):
   run_seconds: float
 
 
-def make_block(algorithm: AveragingAlgorithm, device_data: DeviceData,
-               worker_clients: jax.Array, batch_size: int, run_key: jax.Array) -> Callable:
-  """`block(state, start, length)` → (state, stacked metrics), steps start..start+length−1.
+def make_block(algorithm: AveragingAlgorithm, batch_size: int) -> Callable:
+  """`block(state, start, run_key, device_data, worker_clients, length)` → (state,
+  stacked per-step metrics) for steps `start .. start + length − 1` (jitted; `length`
+  static).
 
   Step t uses key `fold_in(run_key, t)` (split into a batch key and a training
-  key), so results depend only on the seed and the step index.
+  key), so results depend only on the seed and the step index. The data, the
+  key and Θ (in the state) are arguments, so one compiled block serves every seed
+  and threshold of a grid.
   """
-  def body(state, t):
-    batch_key, train_key = jax.random.split(jax.random.fold_in(run_key, t))
-    batch, mask = sample_worker_batches(batch_key, device_data, worker_clients, batch_size)
-    return algorithm.step(state, batch, mask, train_key)
-
-  def block(state, start, length):
+  def block(state, start, run_key, device_data, worker_clients, length):
+    def body(state, t):
+      batch_key, train_key = jax.random.split(jax.random.fold_in(run_key, t))
+      batch, mask = sample_worker_batches(batch_key, device_data, worker_clients, batch_size)
+      return algorithm.step(state, batch, mask, train_key)
     return jax.lax.scan(body, state, start + jnp.arange(length))
 
-  return jax.jit(block, static_argnums=2)
+  return jax.jit(block, static_argnums=5)
+
+
+# Compiled blocks and evaluators, reused across runs of the same algorithm object
+# (a Θ grid, several seeds). Values keep their data alive, so ids stay unique.
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _signature(tree) -> tuple:
+  leaves, treedef = jax.tree.flatten(tree)
+  return (str(treedef),) + tuple((x.shape, str(x.dtype)) for x in leaves)
 
 
 def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, num_steps: int,
                   batch_size: int = 32, eval_every: int = 50, seed: int = 0,
+                  threshold: float | None = None,
                   worker_clients: np.ndarray | None = None,
                   params: Params | None = None, evaluate: Callable | None = None,
                   mesh=None) -> AveragingResult:
   """Runs `num_steps` local steps of K workers, evaluating w0 every `eval_every` steps.
+
+  Compiled programs are cached per algorithm object, batch size, block length and
+  input shapes: a grid over `threshold` and `seed` compiles once.
 
   Args:
     algorithm: from `fda`, `local_sgd`, `periodic_fed_adam`, ...
@@ -337,6 +365,8 @@ def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, 
     eval_every: steps per compiled block; the last synchronized model w0 (what the
       server holds) is evaluated on the global test set after each block.
     seed: the run seed (initial params from `fold_in(key(seed), 2**31 − 1)`).
+    threshold: overrides the FDA algorithm's Θ for this run.
+    worker_clients: `[K]` client ids of the workers.
     params: optional initial params.
     evaluate: optional `evaluate(params) -> {'test_accuracy', 'test_loss', ...}`
       (default: a compiled evaluator of `model.evaluate` on `data.test`).
@@ -355,29 +385,43 @@ def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, 
       raise ValueError(f'{k} workers but the dataset has only {data.num_clients} clients')
     worker_clients = np.arange(k)
   worker_clients = np.asarray(worker_clients, np.int32)
-  if worker_clients.shape != (k,) or worker_clients.min() < 0 or worker_clients.max() >= data.num_clients:
+  if (worker_clients.shape != (k,) or worker_clients.min() < 0
+      or worker_clients.max() >= data.num_clients):
     raise ValueError(f'worker_clients must be {k} client ids in [0, {data.num_clients}), '
                      f'got {worker_clients.tolist()}')
-  device_data = to_device(data, NamedSharding(mesh, P()) if mesh is not None else None)
+  data_key = ('data', id(data), id(mesh))
+  if data_key not in _COMPILED:
+    sharding = NamedSharding(mesh, P()) if mesh is not None else None
+    _COMPILED[data_key] = (to_device(data, sharding), data)
+  device_data = _COMPILED[data_key][0]
   run_key = jax.random.key(seed)
   if params is None:
     params = model.init(jax.random.fold_in(run_key, 2**31 - 1))
   if evaluate is None:
-    evaluate = make_evaluator(model.evaluate, data, per_client=False)
+    eval_key = ('evaluate', id(data), model.evaluate)
+    if eval_key not in _COMPILED:
+      _COMPILED[eval_key] = (make_evaluator(model.evaluate, data, per_client=False), data)
+    evaluate = _COMPILED[eval_key][0]
   cost = algorithm.cost(params)
-  block = make_block(algorithm, device_data, jnp.asarray(worker_clients), batch_size, run_key)
-  state = algorithm.init(params)
+  block_key = ('block', algorithm, batch_size)
+  if block_key not in _COMPILED:
+    _COMPILED[block_key] = make_block(algorithm, batch_size)
+  block = _COMPILED[block_key]
+  state = algorithm.init(params, threshold)
+  workers = jnp.asarray(worker_clients)
   history, pieces = [], []
   compile_seconds, started = 0.0, time.perf_counter()
-  compiled: dict[int, Callable] = {}
   t = 0
   while t < num_steps:
     length = min(eval_every, num_steps - t)
-    if length not in compiled:
+    start = jnp.asarray(t, jnp.int32)
+    args = (state, start, run_key, device_data, workers)
+    key = ('compiled', algorithm, batch_size, length, _signature(args))
+    if key not in _COMPILED:
       t0 = time.perf_counter()
-      compiled[length] = block.lower(state, jnp.asarray(t, jnp.int32), length).compile()
+      _COMPILED[key] = (block.lower(*args, length).compile(), data)
       compile_seconds += time.perf_counter() - t0
-    state, stacked = compiled[length](state, jnp.asarray(t, jnp.int32))
+    state, stacked = _COMPILED[key][0](*args)
     stacked = jax.device_get(stacked)
     pieces.append(stacked)
     t += length
@@ -385,7 +429,7 @@ def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, 
     up, down = cost.totals(t, syncs)
     row = {'step': t, 'syncs': syncs, 'bytes_up': up, 'bytes_down': down, 'bytes': up + down,
            'train_loss': float(np.mean(stacked['loss']))}
-    row.update({key: float(v) for key, v in jax.device_get(evaluate(state.anchor)).items()
+    row.update({name: float(v) for name, v in jax.device_get(evaluate(state.anchor)).items()
                 if np.ndim(v) == 0})
     if 'estimate' in stacked:
       row['estimate_mean'] = float(np.mean(stacked['estimate']))
@@ -394,7 +438,7 @@ def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, 
       if 'estimate' in stacked:
         row['overestimate'] = overestimate_ratio(stacked['estimate'], stacked['variance'])
     history.append(row)
-  steps = {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
+  steps = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
   return AveragingResult(state=state, history=history, steps=steps, cost=cost,
                          compile_seconds=compile_seconds,
                          run_seconds=time.perf_counter() - started - compile_seconds)

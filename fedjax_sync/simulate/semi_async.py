@@ -338,7 +338,7 @@ class SemiAsyncSimulator:
     if params is None:
       params = self.model.init(jax.random.fold_in(self._run_key, 2**31 - 1))
     # Fresh buffers: equal constants may share one, and the blocks donate the state.
-    return jax.tree.map(jnp.copy, self._init(params))
+    return jax.tree.map(jnp.copy, jax.jit(self._init)(params))
 
   def _block(self, state: AsyncState, length: int) -> Callable:
     if length not in self._blocks:

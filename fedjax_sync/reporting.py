@@ -122,11 +122,12 @@ SERIES_KEYS = ('algorithm', 'dataset', 'partition', 'alpha', 'client_learning_ra
 
 def series_key(row: Mapping[str, Any], keys: Sequence[str] = SERIES_KEYS) -> str:
   """A label from the identifying fields of a metrics row (seed excluded), e.g. 'fedavg α=0.1'."""
+  short = {'alpha': 'α', 'client_learning_rate': 'lr', 'server_learning_rate': 'server lr'}
   parts = []
   for k in keys:
     if k in row and row[k] is not None:
-      v = row[k]
-      parts.append(f'α={v}' if k == 'alpha' else (str(v) if k == 'algorithm' else f'{k}={v}'))
+      v = f'{row[k]:g}' if isinstance(row[k], float) else row[k]
+      parts.append(str(v) if k in ('algorithm', 'dataset') else f'{short.get(k, k)}={v}')
   return ' '.join(parts) or 'run'
 
 

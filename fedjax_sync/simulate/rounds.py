@@ -142,7 +142,12 @@ class Simulator:
           batch, key = self.sample_round(r)
           return self.algorithm.round(s, batch, key)
         return jax.lax.scan(body, state, start + jnp.arange(length))
-      self._blocks[length] = jax.jit(run_block, donate_argnums=0).lower(
+      # With a mesh, outputs (state, per-client metrics) come back replicated, so every
+      # process of a multi-host run can read them.
+      mesh = self.execution.mesh
+      replicated = NamedSharding(mesh, P()) if mesh is not None else None
+      self._blocks[length] = jax.jit(run_block, donate_argnums=0,
+                                     out_shardings=replicated).lower(
           state, jnp.zeros((), jnp.int32)).compile()
     return self._blocks[length]
 

@@ -108,9 +108,10 @@ def kuramoto(kappa: float = 0.005, decay: float = 1.0, eps_den: float = 1e-6) ->
     decay: γ in κ_t = κ0 γ^t, 0 < γ ≤ 1 [UNCONF: the paper gives no schedule].
     eps_den: when |Σ_j sin(θ̄ − θ_j)| < eps_den the weights fall back to ρ = p.
   """
-  if not kappa > 0:
+  # κ0 and γ may be traced scalars (a `Sweep` over kappa); only numbers are checked.
+  if isinstance(kappa, (int, float)) and not kappa > 0:
     raise ValueError(f'kuramoto kappa must be > 0, got {kappa!r}')
-  if not 0 < decay <= 1:
+  if isinstance(decay, (int, float)) and not 0 < decay <= 1:
     raise ValueError(f'kuramoto decay must be in (0, 1], got {decay!r}')
   if not eps_den >= 0:
     raise ValueError(f'kuramoto eps_den must be >= 0, got {eps_den!r}')
@@ -118,7 +119,7 @@ def kuramoto(kappa: float = 0.005, decay: float = 1.0, eps_den: float = 1e-6) ->
   def init(params, num_clients=None):
     del params
     z = jnp.zeros((), jnp.int32)
-    metrics = {'kappa': jnp.float32(kappa), 'fallback': z, 'fallbacks': z,
+    metrics = {'kappa': jnp.asarray(kappa, jnp.float32), 'fallback': z, 'fallbacks': z,
                'rho_min': jnp.float32(0), 'rho_max': jnp.float32(0)}
     if num_clients is not None:
       metrics['rho'] = jnp.zeros((num_clients,), jnp.float32)
@@ -128,7 +129,8 @@ def kuramoto(kappa: float = 0.005, decay: float = 1.0, eps_den: float = 1e-6) ->
   def apply(updates, weights, state, key=None, client_ids=None):
     del key
     rho, theta, fallback = kuramoto_weights(updates, weights, eps_den)
-    kappa_t = jnp.float32(kappa) * jnp.float32(decay) ** state.step.astype(jnp.float32)
+    kappa_t = (jnp.asarray(kappa, jnp.float32)
+               * jnp.asarray(decay, jnp.float32) ** state.step.astype(jnp.float32))
     out = tree_lib.client_weighted_sum(updates, kappa_t * rho)
     fallbacks = state.fallbacks + fallback.astype(jnp.int32)
     present = (weights > 0) if weights is not None else jnp.ones(rho.shape, bool)

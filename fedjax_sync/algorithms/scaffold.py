@@ -69,7 +69,8 @@ def scaffold_update(loss_fn: Callable, learning_rate: float, *, momentum: float 
   """
   if option not in OPTIONS:
     raise ValueError(f'SCAFFOLD option must be one of {OPTIONS}, got {option!r}')
-  if not learning_rate > 0:
+  # A traced learning rate (a `Sweep` over learning rates) is not checked here.
+  if isinstance(learning_rate, (int, float)) and not learning_rate > 0:
     raise ValueError(f'SCAFFOLD needs a positive local learning rate, got {learning_rate!r}')
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f'momentum must be in [0, 1), got {momentum!r}')

@@ -24,7 +24,9 @@ compiled `lax.scan` is one aggregation:
 Lost jobs (dropout or availability masks): such a job never arrives; at the first
 aggregation after its would-be finish time the client starts a new job, from that
 finish time and the newest model (an approximation: the model pushed at the
-aggregation, not the one current at the finish time; documented choice).
+aggregation, not the one current at the finish time; documented choice). At most
+K lost clients restart per aggregation (the earliest); the rest restart at the
+next one, with the same restart time.
 
 Keys mirror the synchronous driver: aggregation t uses `fold_in(run_key, t)`
 split into (unused, batch key, algorithm key), and the algorithm key is split
@@ -226,14 +228,22 @@ def make_async_engine(algorithm: AsyncAlgorithm, clock: ClientClock, batch_fn: B
 
     num_lost = jnp.zeros((), jnp.float32)
     if may_drop:
-      # Lost jobs whose time has passed: the client starts again from the newest model.
-      lost = ~arrives & (finish_time <= now)
-      duration_all = job_times(clock, clock_key, all_ids, jobs)
-      available_all = job_available(clock, clock_key, all_ids, jobs)
-      finish_time = jnp.where(lost, finish_time + duration_all, finish_time)
-      start_version = jnp.where(lost, version + 1, start_version)
-      arrives = jnp.where(lost, available_all, arrives)
-      jobs = jobs + lost.astype(jnp.int32)
+      # Lost jobs whose time has passed: the client starts again, at its lost job's
+      # finish time, from the newest model. At most K per aggregation (the earliest),
+      # so that the work stays O(K) draws plus one O(N) top-k; the others wait for
+      # the next aggregation (their restart *time* is unaffected).
+      overdue = jnp.where(~arrives & (finish_time <= now), finish_time, jnp.inf)
+      negative_lost, lost_ids = jax.lax.top_k(-overdue, buffer_size)
+      lost = jnp.isfinite(negative_lost)
+      lost_jobs = jobs[lost_ids]
+      lost_finish = finish_time[lost_ids]
+      finish_time = finish_time.at[lost_ids].set(jnp.where(
+          lost, lost_finish + job_times(clock, clock_key, lost_ids, lost_jobs), lost_finish))
+      start_version = start_version.at[lost_ids].set(
+          jnp.where(lost, version + 1, start_version[lost_ids]))
+      arrives = arrives.at[lost_ids].set(jnp.where(
+          lost, job_available(clock, clock_key, lost_ids, lost_jobs), arrives[lost_ids]))
+      jobs = jobs.at[lost_ids].add(lost.astype(jnp.int32))
       num_lost = jnp.sum(lost.astype(jnp.float32))
 
     counted = (weight > 0).astype(jnp.float32)

@@ -179,8 +179,10 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
     floats = estimator.num_floats(params) if dynamic else 0
     return communication.averaging_cost(params, num_workers, floats)
 
-  def synchronize(state: AveragingState, params, opt_state, drift_sq):
+  def synchronize(state: AveragingState, params, opt_state):
     if weighting == 'drift':
+      drift_sq = tree_lib.client_sq_norms(
+          jax.tree.map(lambda w, a: w - a[None], params, state.anchor))
       total = jnp.sum(drift_sq)
       weights = jnp.where(total > 0, drift_sq / jnp.where(total > 0, total, 1.0),
                           jnp.full_like(drift_sq, 1.0 / num_workers))
@@ -205,7 +207,6 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
     params, opt_state, step_metrics = map_clients(
         lambda p, o, b, m, k: local_step(p, o, b, m, k), inputs, execution)
     drifts = jax.tree.map(lambda w, a: w - a[None], params, state.anchor)
-    drift_sq = tree_lib.client_sq_norms(drifts)
     metrics = {}
     if dynamic:
       local_states = jax.vmap(estimator.local_state, in_axes=(0, None))(
@@ -219,7 +220,7 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
       metrics['variance'] = true_variance(drifts)
     keep = (params, opt_state, state.anchor, state.server_opt_state, state.estimator_state)
     params, opt_state, anchor, server_opt_state, estimator_state = jax.lax.cond(
-        do_sync, lambda: synchronize(state, params, opt_state, drift_sq), lambda: keep)
+        do_sync, lambda: synchronize(state, params, opt_state), lambda: keep)
     examples = jnp.sum(step_metrics.num_examples)
     metrics['loss'] = jnp.sum(step_metrics.loss_sum) / jnp.maximum(examples, 1)
     metrics['synced'] = do_sync

@@ -16,7 +16,9 @@ then reduces with the example-weighted mean `Σ_k p_k g_k`.
 Every `g_k` stays a linear combination of the originals, `g = A g̃`, so the
 procedure needs only the Gram matrix `G = g̃ g̃ᵀ` (one O(K²d) product), O(K³)
 scalar work on A, and one weighted sum `(pᵀA) g̃` over the parameters — no
-per-pair pass over the model.
+per-pair pass over the model. In 'original' mode the rows of A evolve
+independently, so the K(K−1)/2 sequential pair steps collapse into K vectorized
+steps; 'running' mode keeps the sequential pair loop (K(K−1)/2 small steps).
 
 Pair order follows the *position of clients in the round* (the order of
 `ClientBatch`), as in the paper's loop; the result depends on it, so FedGH is the
@@ -78,22 +80,28 @@ def harmonize_coefficients(gram: jax.Array, present: jax.Array, mode: str = 'ori
   eye = jnp.eye(num, dtype=gram.dtype)
   if num < 2:
     return eye
-  first, second = (jnp.asarray(x) for x in _pairs(num))
   tiny = jnp.finfo(gram.dtype).tiny
+  if mode == 'original':
+    # Each projection changes one row of A and reads only that row and the
+    # originals' Gram, so rows evolve independently. In the row-major pair order
+    # row i meets its partners in ascending order (k < i in earlier passes, then
+    # j > i), so K vectorized steps over the partner m reproduce the pair loop.
+    conflict = (present[:, None] & present[None, :] & (gram < 0)
+                & ~jnp.eye(num, dtype=bool))
+
+    def partner(m, a):
+      coef = (a @ gram[:, m]) / jnp.maximum(gram[m, m], tiny)   # g_i · g̃_m / ‖g̃_m‖²
+      return a.at[:, m].add(-jnp.where(conflict[:, m], coef, 0.0))
+
+    return jax.lax.fori_loop(0, num, partner, eye)
+
+  # 'running': the pairs interact, so loop over them in order; the two assignments
+  # of a pair run in order, each against the current values.
+  first, second = (jnp.asarray(x) for x in _pairs(num))
 
   def body(t, a):
     i, j = first[t], second[t]
     both = present[i] & present[j]
-    if mode == 'original':
-      conflict = both & (gram[i, j] < 0)
-      # g_i · g̃_j = Σ_m A[i, m] G[m, j]
-      coef_i = jnp.dot(a[i], gram[:, j]) / jnp.maximum(gram[j, j], tiny)
-      coef_j = jnp.dot(a[j], gram[:, i]) / jnp.maximum(gram[i, i], tiny)
-      new_i = a[i] - coef_i * eye[j]
-      new_j = a[j] - coef_j * eye[i]
-      a = a.at[i].set(jnp.where(conflict, new_i, a[i]))
-      return a.at[j].set(jnp.where(conflict, new_j, a[j]))
-    # 'running': the two assignments in order, each against the current values.
     gj_row = a[j] @ gram                          # g_j · g̃_m for every m
     dot_ij = jnp.dot(gj_row, a[i])                # g_i · g_j
     conflict = both & (dot_ij < 0)

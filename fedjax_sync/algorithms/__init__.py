@@ -33,3 +33,12 @@ from fedjax_sync.algorithms.fda_estimators import VarianceEstimator  # noqa: E40
 __all__ += ['AveragingAlgorithm', 'AveragingResult', 'AveragingState', 'VarianceEstimator',
             'dynamic_averaging', 'fda', 'local_sgd', 'periodic_fed_adam', 'periodic_fed_avg_m',
             'run_averaging', 'sample_worker_batches']
+
+# Semi-asynchronous algorithms on the simulated clock (issue #7).
+from fedjax_sync.algorithms.fed_buff import (async_local_update, fed_async,  # noqa: E402
+                                             fed_buff, polynomial_staleness)
+from fedjax_sync.algorithms.fed_qs import (FedQSClientState, FedQSHyperparameters,  # noqa: E402
+                                           fed_qs, fed_qs_avg, fed_qs_sgd)
+
+__all__ += ['FedQSClientState', 'FedQSHyperparameters', 'async_local_update', 'fed_async',
+            'fed_buff', 'fed_qs', 'fed_qs_avg', 'fed_qs_sgd', 'polynomial_staleness']

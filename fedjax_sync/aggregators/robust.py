@@ -73,15 +73,21 @@ def _per_coordinate(updates, present, column_fn):
     size = flat.shape[1]
     chunk = min(_CHUNK, size)
     chunks = -(-size // chunk)
-    if chunks * chunk != size:
-      flat = jnp.pad(flat, ((0, 0), (0, chunks * chunk - size)))
+    # The last chunk is shifted left to end at `size` (overlapping its neighbour)
+    # rather than padding, which would copy the whole `[C, d]` leaf.
+    starts = jnp.minimum(jnp.arange(chunks) * chunk, size - chunk)
 
-    def one(i):
-      x = jax.lax.dynamic_slice_in_dim(flat, i * chunk, chunk, axis=1)
+    def one(start):
+      x = jax.lax.dynamic_slice_in_dim(flat, start, chunk, axis=1)
       keys = jnp.where(present[:, None], _to_keys(x), jnp.uint32(_TOP))
       return column_fn(x, keys)
 
-    out = jax.lax.map(one, jnp.arange(chunks)).reshape(-1)[:size]
+    values = jax.lax.map(one, starts)
+    if chunks * chunk == size:
+      out = values.reshape(-1)
+    else:
+      index = starts[:, None] + jnp.arange(chunk)[None, :]
+      out = jnp.zeros((size,), jnp.float32).at[index.reshape(-1)].set(values.reshape(-1))
     return out.reshape(leaf.shape[1:]).astype(leaf.dtype)
 
   return jax.tree.map(leaf_fn, updates)

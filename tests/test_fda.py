@@ -257,6 +257,13 @@ def test_run_averaging_bytes_and_no_retrace(setup):
   assert last['bytes_up'] == 12 * K * 2 * 4 + syncs * K * model_bytes
   assert last['bytes_down'] == syncs * K * model_bytes
   assert [row['step'] for row in result.history] == [4, 8, 12]
+  # A byte budget stops the run at the first evaluation point that reaches it.
+  budget = fda_lib.run_averaging(algorithm, model, data, num_steps=12, batch_size=BATCH,
+                                 eval_every=4, params=params, threshold=0.0,
+                                 max_bytes=3 * K * model_bytes,
+                                 evaluate=lambda p: {'test_accuracy': jnp.zeros(())})
+  assert [row['step'] for row in budget.history] == [4]
+  assert budget.history[-1]['bytes'] == 4 * K * 8 + 4 * 2 * K * model_bytes
 
 
 @pytest.mark.parametrize('kwargs, match', [

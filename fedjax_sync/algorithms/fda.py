@@ -347,7 +347,7 @@ def _signature(tree) -> tuple:
 
 def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, num_steps: int,
                   batch_size: int = 32, eval_every: int = 50, seed: int = 0,
-                  threshold: float | None = None,
+                  threshold: float | None = None, max_bytes: int | None = None,
                   worker_clients: np.ndarray | None = None,
                   params: Params | None = None, evaluate: Callable | None = None,
                   mesh=None) -> AveragingResult:
@@ -367,6 +367,9 @@ def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, 
       server holds) is evaluated on the global test set after each block.
     seed: the run seed (initial params from `fold_in(key(seed), 2**31 − 1)`).
     threshold: overrides the FDA algorithm's Θ for this run.
+    max_bytes: optional budget of communicated bytes (up + down): the run stops
+      at the first evaluation point where the total reaches it (so it may overshoot
+      by at most one block's communication).
     worker_clients: `[K]` client ids of the workers.
     params: optional initial params.
     evaluate: optional `evaluate(params) -> {'test_accuracy', 'test_loss', ...}`
@@ -386,6 +389,8 @@ def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, 
       raise ValueError(f'{k} workers but the dataset has only {data.num_clients} clients')
     worker_clients = np.arange(k)
   worker_clients = np.asarray(worker_clients, np.int32)
+  if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+    raise ValueError(f'max_bytes must be a positive integer or None, got {max_bytes!r}')
   if (worker_clients.shape != (k,) or worker_clients.min() < 0
       or worker_clients.max() >= data.num_clients):
     raise ValueError(f'worker_clients must be {k} client ids in [0, {data.num_clients}), '
@@ -439,6 +444,8 @@ def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, 
       if 'estimate' in stacked:
         row['overestimate'] = overestimate_ratio(stacked['estimate'], stacked['variance'])
     history.append(row)
+    if max_bytes is not None and up + down >= max_bytes:
+      break
   steps = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
   return AveragingResult(state=state, history=history, steps=steps, cost=cost,
                          compile_seconds=compile_seconds,

@@ -55,7 +55,7 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
   k = workers or (2 if quick else 5)
   hidden = (256, 64) if quick else tuple(hidden)
   length = steps_per_block or (5 if quick else 20)
-  repeats = repeats or (3 if quick else 7)
+  repeats = repeats or (3 if quick else 11)
   reporting.prepare_run_dir(run_dir, allow_existing=True)
   model = fs.models.mlp((784,), 10, hidden=hidden)
   params = model.init(jax.random.key(0))
@@ -83,17 +83,24 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
       t0 = time.perf_counter()
       jax.block_until_ready(compiled[name](*states[name]))
       times[name].append((time.perf_counter() - t0) / length)
+  # The median is the usual statistic; on a shared machine the minimum (the run
+  # least disturbed by other processes) is the steadier estimate of the cost.
   base = float(np.median(times['none']))
+  base_min = float(np.min(times['none']))
   rows, headline = [], {'params': d, 'workers': k, 'ms_per_step_no_check': 1e3 * base}
   for name in algorithms:
-    med = float(np.median(times[name]))
-    overhead = med / base - 1
+    med, low = float(np.median(times[name])), float(np.min(times[name]))
+    overhead, overhead_min = med / base - 1, low / base_min - 1
     target = TARGETS.get(name)
-    rows.append([name, f'{1e3 * med:.2f}', '—' if name == 'none' else f'{100 * overhead:+.1f} %',
+    rows.append([name, f'{1e3 * med:.2f}', f'{1e3 * low:.2f}',
+                 '—' if name == 'none' else f'{100 * overhead:+.1f} %',
+                 '—' if name == 'none' else f'{100 * overhead_min:+.1f} %',
                  '—' if target is None else f'< {100 * target:.0f} %',
-                 '—' if target is None else ('yes' if overhead < target else 'no')])
+                 '—' if target is None else ('yes' if max(overhead, overhead_min) < target
+                                             else 'no')])
     if name != 'none':
       headline[f'overhead_{name}'] = overhead
+      headline[f'overhead_{name}_min'] = overhead_min
     reporting.append_metrics(run_dir, [{'variant': name, 'repeat': i, 'seconds_per_step': t,
                                         'params': d, 'workers': k}
                                        for i, t in enumerate(times[name])])
@@ -106,7 +113,8 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
   reporting.write_summary(
       run_dir, f'RTC overhead per local step (d = {d:,}, K = {k}, batch 32, '
                f'{jax.default_backend()})',
-      ['check', 'ms per step (all K workers)', 'overhead', 'target', 'met'], rows,
+      ['check', 'median ms/step (K workers)', 'min ms/step', 'overhead (median)',
+       'overhead (min)', 'target', 'met'], rows,
       notes=f'Median of {repeats} interleaved repeats of a compiled block of {length} steps '
             'after warm-up; Θ = ∞ (no synchronization). Timings on a shared machine are noisy.')
   names = list(algorithms)

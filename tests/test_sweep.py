@@ -66,6 +66,8 @@ def test_sweep_compiles_each_block_length_once(setup):
                 hyperparameters={'client_learning_rate': [0.05]})
   states = sweep.init()
   after_init = len(traces)
+  sweep.init()  # the compiled init is reused
+  assert len(traces) == after_init
   states, _ = sweep.run_rounds(states, 0, 2)
   states, _ = sweep.run_rounds(states, 2, 2)
   states, metrics = sweep.run_rounds(states, 4, 2)

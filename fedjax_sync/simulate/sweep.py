@@ -143,6 +143,7 @@ class Sweep:
     self._evaluate = jax.jit(jax.vmap(
         make_evaluator(model.evaluate, data, per_client=config.per_client_eval)))
     self._blocks: dict[int, Callable] = {}
+    self._init: Callable | None = None
 
   def _sample_round(self, run_key, round_index):
     """The same key schedule as `Simulator.sample_round`, for one simulation's run key."""
@@ -156,10 +157,12 @@ class Sweep:
 
   def init(self) -> ServerState:
     """Stacked `[S, ...]` initial states; simulation s's params are those of `Simulator.init`."""
-    def one(run_key, hypers):
-      params = self.model.init(jax.random.fold_in(run_key, _INIT_INDEX))
-      return self.build(hypers).init(params)
-    return jax.jit(jax.vmap(one))(self._run_keys, self._hypers)
+    if self._init is None:
+      def one(run_key, hypers):
+        params = self.model.init(jax.random.fold_in(run_key, _INIT_INDEX))
+        return self.build(hypers).init(params)
+      self._init = jax.jit(jax.vmap(one))
+    return self._init(self._run_keys, self._hypers)
 
   def _block(self, states: ServerState, length: int) -> Callable:
     if length not in self._blocks:

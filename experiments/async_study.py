@@ -51,6 +51,7 @@ from fedjax_sync.simulate.semi_async import AsyncConfig, SemiAsyncSimulator
 
 METHODS = ('fedavg_sync', 'fedavg_deadline', 'fedbuff', 'fedqs_sgd', 'fedqs_avg')
 TARGET_FRACTION = 0.95
+FINAL_EVALS = 5
 
 
 def _run_method(method, model, data, times, *, num_clients, buffer_size, aggregations,
@@ -121,7 +122,6 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
                 deadline='median job time', speed_spacing='linear, random assignment')
   reporting.write_config(run_dir, config)
 
-  results = {}   # (alpha, ratio, method) -> list over seeds of rows
   started = time.perf_counter()
   for alpha in alphas:
     data = registry.load_dataset(dataset, num_clients=num_clients, partition='dirichlet',
@@ -137,7 +137,6 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
               aggregations=aggregations, async_aggregations=async_factor * aggregations,
               work=work, eval_every=eval_every, seed=seed,
               learning_rate=learning_rate)
-          results.setdefault((alpha, ratio, method), []).append(rows)
           reporting.append_metrics(run_dir, [
               dict(algorithm=method, alpha=alpha, speed_ratio=ratio, seed=seed, aggregation=a,
                    wall_clock=w, test_accuracy=acc, mean_staleness=st)
@@ -147,46 +146,74 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
                   f'wall {rows[-1][1]:.1f} (compile {compile_s:.1f}s, run {run_s:.1f}s)',
                   flush=True)
 
+  elapsed = time.perf_counter() - started
+  return summarize(run_dir, elapsed_seconds=elapsed)
+
+
+def _final(rows, last: int = FINAL_EVALS) -> float:
+  """Mean test accuracy of the last `last` evaluations (single evaluations are noisy)."""
+  return float(np.mean([x[2] for x in rows[-last:]]))
+
+
+def summarize(run_dir: str, *, elapsed_seconds: float | None = None) -> dict:
+  """Writes summary.md and the plots from `run_dir`'s config.json and metrics.jsonl."""
+  import json
+  with open(f'{run_dir}/config.json') as f:
+    config = json.load(f)
+  results = {}
+  for row in reporting.read_metrics(run_dir):
+    key = (row['alpha'], row['speed_ratio'], row['algorithm'])
+    runs = results.setdefault(key, {})
+    runs.setdefault(row['seed'], []).append((row['aggregation'], row['wall_clock'],
+                                             row['test_accuracy'], row['mean_staleness']))
+  results = {k: [v[s] for s in sorted(v)] for k, v in results.items()}
+  methods = [m for m in config['methods'] if any(k[2] == m for k in results)]
   table, headline = [], {}
-  for alpha in alphas:
-    for ratio in ratios:
+  for alpha in config['alphas']:
+    for ratio in config['ratios']:
       sync = results.get((alpha, ratio, 'fedavg_sync'))
-      target = (TARGET_FRACTION * float(np.mean([r[-1][2] for r in sync])) if sync else None)
-      sync_time = (float(np.nanmean([_time_to(r, target) for r in sync])) if sync else None)
+      target = TARGET_FRACTION * float(np.mean([_final(r) for r in sync])) if sync else None
+      sync_time = float(np.nanmean([_time_to(r, target) for r in sync])) if sync else None
       series, bands, series_agg = {}, {}, {}
       for method in methods:
         runs = results[(alpha, ratio, method)]
-        finals = [r[-1][2] for r in runs]
+        finals = [_final(r) for r in runs]
         to_target = [_time_to(r, target) for r in runs] if target else [float('nan')]
-        mean_time = float(np.nanmean(to_target)) if not np.all(np.isnan(to_target)) else float('nan')
-        cut = (1 - mean_time / sync_time) if sync_time and np.isfinite(mean_time) else float('nan')
-        reached = sum(np.isfinite(t) for t in to_target)
+        reached = int(sum(np.isfinite(t) for t in to_target))
+        mean_time = float(np.nanmean(to_target)) if reached else float('nan')
+        cut = (1 - mean_time / sync_time) if sync_time and reached else float('nan')
         table.append([f'{alpha:g}', f'1:{ratio:g}', method, reporting.mean_std(finals),
-                      f'{mean_time:.1f} ({reached}/{len(runs)})', f'{100 * cut:.0f}%',
-                      f'{np.mean([r[-1][1] for r in runs]):.1f}',
-                      f'{np.mean([np.mean([x[3] for x in r]) for r in runs]):.2f}'])
-        headline[f'{method}/alpha={alpha:g}/ratio={ratio:g}/final_accuracy'] = float(np.mean(finals))
-        headline[f'{method}/alpha={alpha:g}/ratio={ratio:g}/wallclock_cut'] = cut
+                      f'{mean_time:.0f} ({reached}/{len(runs)})',
+                      f'{100 * cut:.0f}%' if reached else 'not reached',
+                      f'{np.mean([r[-1][1] for r in runs]):.0f}',
+                      f'{np.mean([np.mean([x[3] for x in r]) for r in runs]):.1f}'])
+        prefix = f'{method}/alpha={alpha:g}/ratio={ratio:g}'
+        headline[f'{prefix}/final_accuracy'] = float(np.mean(finals))
+        headline[f'{prefix}/time_to_target'] = mean_time
+        headline[f'{prefix}/wallclock_cut'] = cut
         n = min(len(r) for r in runs)
-        acc = np.mean([[x[2] for x in r[:n]] for r in runs], axis=0)
-        wall = np.mean([[x[1] for x in r[:n]] for r in runs], axis=0)
-        agg = [x[0] for x in runs[0][:n]]
-        series[method] = (wall, acc)
-        bands[method] = np.std([[x[2] for x in r[:n]] for r in runs], axis=0)
-        series_agg[method] = (agg, acc)
+        accuracy = np.asarray([[x[2] for x in r[:n]] for r in runs])
+        series[method] = (np.mean([[x[1] for x in r[:n]] for r in runs], axis=0),
+                          accuracy.mean(0))
+        series_agg[method] = ([x[0] for x in runs[0][:n]], accuracy.mean(0))
+        bands[method] = accuracy.std(0)
       tag = f'alpha{alpha:g}_ratio{ratio:g}'
-      reporting.plot_lines(f'{run_dir}/accuracy_vs_time_{tag}.png', series,
-                           xlabel='simulated wall-clock', ylabel='test accuracy', logx=True,
-                           title=f'Dirichlet α={alpha:g}, speed 1:{ratio:g}', bands=bands)
+      title = f'Dirichlet α={alpha:g}, speed 1:{ratio:g}'
+      reporting.plot_lines(f'{run_dir}/accuracy_vs_time_{tag}.png', series, logx=True,
+                           xlabel='simulated wall-clock', ylabel='test accuracy', title=title,
+                           bands=bands)
       reporting.plot_lines(f'{run_dir}/accuracy_vs_aggregations_{tag}.png', series_agg,
-                           xlabel='aggregations', ylabel='test accuracy',
-                           title=f'Dirichlet α={alpha:g}, speed 1:{ratio:g}', bands=bands)
-  notes = (f'{aggregations} rounds for the synchronous methods, {async_factor * aggregations} '
-           f'aggregations for the semi-asynchronous ones, N = {num_clients}, K = {buffer_size}, '
-           f'{seeds} seed(s), dataset {dataset}; target = {TARGET_FRACTION} × synchronous '
-           'FedAvg final accuracy; time to target is the mean over the seeds that reached it '
-           '(reached/seeds in parentheses); cut = 1 − time / FedAvg-sync time. '
-           f'Total {time.perf_counter() - started:.0f} s on this machine.')
+                           xlabel='aggregations (rounds for the synchronous methods)',
+                           ylabel='test accuracy', title=title, bands=bands)
+  notes = (f"{config['aggregations']} rounds for the synchronous methods, "
+           f"{config['async_aggregations']} aggregations for the semi-asynchronous ones, "
+           f"N = {config['num_clients']}, K = {config['buffer_size']}, {config['seeds']} seed(s), "
+           f"dataset {config['dataset']}. Final accuracy = mean of the last {FINAL_EVALS} "
+           f'evaluations (mean ± std over seeds). Target = {TARGET_FRACTION} × synchronous '
+           'FedAvg final accuracy; time to target = first evaluation at or above it, mean over '
+           'the seeds that reached it (reached/seeds); cut = 1 − time / FedAvg-sync time.')
+  if elapsed_seconds is not None:
+    notes += f' Total {elapsed_seconds:.0f} s on this machine.'
   reporting.write_summary(run_dir, 'Semi-asynchronous vs synchronous: accuracy and wall-clock',
                           ['α', 'speed', 'method', 'final accuracy', 'time to target',
                            'wall-clock cut', 'total wall-clock', 'mean staleness'], table, notes)

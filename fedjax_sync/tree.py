@@ -54,8 +54,11 @@ def _broadcast_weights(weights: jax.Array, leaf: jax.Array) -> jax.Array:
 
 def client_weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
   """`Σ_c weights[c] · stacked[c]` for every leaf `[C, ...]` → `[...]`."""
+  # A contraction, not `sum(w * x, axis=0)`: XLA:CPU reduces over a leading (major)
+  # axis ~100× slower than a dot (0.5 s vs 3 ms for [100, 784, 200]).
   return jax.tree.map(
-      lambda x: jnp.sum(_broadcast_weights(weights, x) * x, axis=0), stacked)
+      lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1,
+                              precision=jax.lax.Precision.HIGHEST), stacked)
 
 
 def client_scale(stacked: PyTree, scales: jax.Array) -> PyTree:

@@ -155,7 +155,8 @@ def _final(rows, last: int = FINAL_EVALS) -> float:
   return float(np.mean([x[2] for x in rows[-last:]]))
 
 
-def summarize(run_dir: str, *, elapsed_seconds: float | None = None) -> dict:
+def summarize(run_dir: str, *, elapsed_seconds: float | None = None,
+              target_fraction: float = TARGET_FRACTION) -> dict:
   """Writes summary.md and the plots from `run_dir`'s config.json and metrics.jsonl."""
   import json
   with open(f'{run_dir}/config.json') as f:
@@ -172,7 +173,7 @@ def summarize(run_dir: str, *, elapsed_seconds: float | None = None) -> dict:
   for alpha in config['alphas']:
     for ratio in config['ratios']:
       sync = results.get((alpha, ratio, 'fedavg_sync'))
-      target = TARGET_FRACTION * float(np.mean([_final(r) for r in sync])) if sync else None
+      target = target_fraction * float(np.mean([_final(r) for r in sync])) if sync else None
       sync_time = float(np.nanmean([_time_to(r, target) for r in sync])) if sync else None
       series, bands, series_agg = {}, {}, {}
       for method in methods:
@@ -209,7 +210,7 @@ def summarize(run_dir: str, *, elapsed_seconds: float | None = None) -> dict:
            f"{config['async_aggregations']} aggregations for the semi-asynchronous ones, "
            f"N = {config['num_clients']}, K = {config['buffer_size']}, {config['seeds']} seed(s), "
            f"dataset {config['dataset']}. Final accuracy = mean of the last {FINAL_EVALS} "
-           f'evaluations (mean ± std over seeds). Target = {TARGET_FRACTION} × synchronous '
+           f'evaluations (mean ± std over seeds). Target = {target_fraction} × synchronous '
            'FedAvg final accuracy; time to target = first evaluation at or above it, mean over '
            'the seeds that reached it (reached/seeds); cut = 1 − time / FedAvg-sync time.')
   if elapsed_seconds is not None:

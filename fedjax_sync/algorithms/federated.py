@@ -22,7 +22,8 @@ from fedjax_sync import communication
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import (Aggregator, aggregator_metrics, validate_aggregator,
                                           weighted_mean)
-from fedjax_sync.clients.execution import ClientExecution, map_clients, replicate, shard_client_axis
+from fedjax_sync.clients.execution import (ClientExecution, map_clients, map_reduce_clients,
+                                           replicate, shard_client_axis)
 from fedjax_sync.types import Algorithm, ClientBatch, Params, PyTree, ServerState
 
 
@@ -103,6 +104,8 @@ def federated_algorithm(client_update: ClientUpdate, *,
       return client_update(params, extra, client_state, data, mask, k)
 
     inputs = shard_client_axis((client_states, batch.data, batch.mask, keys), execution.mesh)
+    if streaming:
+      return _streamed_round(state, batch, inputs, one_client)
     outputs: ClientOutput = map_clients(one_client, inputs, execution)
 
     aggregate, aggregator_state = aggregator.apply(
@@ -124,7 +127,57 @@ def federated_algorithm(client_update: ClientUpdate, *,
                             extra=new_extra, round=state.round + 1)
     return new_state, metrics
 
+  # Chunked execution with a linear weighted-mean aggregator and no per-client or
+  # auxiliary state: updates are summed chunk by chunk, never all [C, d] at once.
+  streaming = (execution.strategy == 'chunked' and aggregator.name == 'weighted_mean'
+               and init_client_state is None and update_extra is None)
+
+  def _streamed_round(state, batch, inputs, one_client):
+    weight = batch.weight.astype(jnp.float32)
+    total = jnp.sum(weight)
+    normalized = weight / jnp.where(total > 0, total, 1.0)
+
+    def one(*a):
+      out = one_client(*a)
+      return out.update, out.metrics
+
+    aggregate, client_metrics, sq_norms = map_reduce_clients(one, inputs, normalized, execution)
+    server_updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, server_updates)
+    metrics = streamed_round_metrics(client_metrics, sq_norms, batch, aggregate, state.params)
+    new_state = state._replace(params=new_params, opt_state=opt_state, round=state.round + 1)
+    return new_state, metrics
+
   return Algorithm(init=init, round=round_fn, name=name)
+
+
+def streamed_round_metrics(client_metrics: dict, sq_norms: jax.Array, batch: ClientBatch,
+                           aggregate: Params, params: Params) -> dict[str, jax.Array]:
+  """`round_metrics` when updates were reduced chunk by chunk.
+
+  `client_drift` (mean distance to the mean update) needs every update after the
+  mean is known; instead `client_drift_rms = sqrt(Σ_k p_k ‖u_k‖² − ‖ū‖²)`, the
+  weighted RMS distance to the mean update, is computed from the running sums.
+  """
+  weight = batch.weight.astype(jnp.float32)
+  present = (weight > 0).astype(jnp.float32)
+  loss_sum = client_metrics['loss_sum']
+  num_examples = client_metrics['num_examples']
+  total_examples = jnp.sum(present * num_examples)
+  total_weight = jnp.sum(weight)
+  normalized = weight / jnp.where(total_weight > 0, total_weight, 1.0)
+  participants = jnp.sum(present)
+  mean_sq = jnp.sum(normalized * sq_norms.astype(jnp.float32))
+  aggregate_sq = tree_lib.tree_sq_norm(aggregate)
+  return {
+      'train_loss': jnp.sum(present * loss_sum) / jnp.maximum(total_examples, 1),
+      'client_loss': loss_sum / jnp.maximum(num_examples, 1),
+      'num_participants': participants,
+      'update_norm': jnp.sqrt(aggregate_sq),
+      'client_drift_rms': jnp.sqrt(jnp.maximum(mean_sq - aggregate_sq, 0.0)),
+      'bytes_up': participants * tree_lib.tree_num_bytes(params),
+      'bytes_down': participants * tree_lib.tree_num_bytes(params),
+  }
 
 
 def round_metrics(outputs: ClientOutput, batch: ClientBatch, aggregate: Params,

@@ -98,3 +98,75 @@ def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution
   out = jax.vmap(per_shard)(split)
   out = shard_client_axis(out, execution.mesh)
   return jax.tree.map(lambda x: x.reshape((num_clients,) + x.shape[2:]), out)
+
+
+def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution):
+  """Runs clients in chunks and reduces their updates as they are produced.
+
+  Memory-bounded rounds: only `execution.chunk_size` clients' updates (per device)
+  exist at any time, never all `[C, d]`. Valid for aggregators that are a linear
+  weighted sum of the updates (FedAvg's `weighted_mean`); robust, clipping or
+  compressing aggregators need every update at once and use `map_clients`.
+
+  Args:
+    fn: `fn(*slices) -> (update, per_client)` for one client; `update` is
+      params-shaped, `per_client` a pytree of small per-client values (metrics).
+    args: tuple whose leaves are `[C, ...]`.
+    weights: `[C]` weights of the sum.
+    execution: a 'chunked' execution (its chunk_size and optional mesh).
+
+  Returns:
+    `(Σ_c weights[c] · update_c, per_client [C, ...], ‖update_c‖² [C])`. C need not
+    be a multiple of chunk_size (the last chunk is padded with zero-weight copies of
+    the first clients, which add nothing).
+  """
+  import jax.numpy as jnp
+
+  execution.validate()
+  if execution.strategy != 'chunked':
+    raise ValueError(f"map_reduce_clients needs strategy 'chunked', got {execution.strategy!r}")
+  num_clients = weights.shape[0]
+  shards = execution.num_shards
+  if num_clients % shards:
+    raise ValueError(f'{num_clients} clients do not split over {shards} devices; '
+                     'pad with zero-weight clients first')
+
+  def per_shard(shard_args, shard_weights):
+    n = shard_weights.shape[0]
+    chunk = min(execution.chunk_size, n)
+    pad = (-n) % chunk
+    if pad:
+      # Padding clients repeat the first ones (valid inputs) with weight 0.
+      shard_args = jax.tree.map(lambda x: jnp.concatenate([x, x[:pad]], axis=0), shard_args)
+      shard_weights = jnp.concatenate([shard_weights, jnp.zeros((pad,), shard_weights.dtype)])
+    num_chunks = (n + pad) // chunk
+    chunked = jax.tree.map(lambda x: x.reshape((num_chunks, chunk) + x.shape[1:]),
+                           (shard_args, shard_weights))
+    first = jax.tree.map(lambda x: x[0], chunked[0])
+    update_shape = jax.eval_shape(lambda a: jax.vmap(fn)(*a)[0], first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), update_shape)
+
+    def body(total, xs):
+      chunk_args, chunk_weights = xs
+      update, per_client = jax.vmap(fn)(*chunk_args)
+      total = jax.tree.map(
+          lambda t, u: t + jnp.tensordot(chunk_weights.astype(u.dtype), u, axes=1,
+                                         precision=jax.lax.Precision.HIGHEST), total, update)
+      sq = sum(jnp.sum(jnp.square(u.reshape(u.shape[0], -1)), axis=1)
+               for u in jax.tree.leaves(update))
+      return total, (per_client, sq)
+
+    total, (per_client, sq) = jax.lax.scan(body, zeros, chunked)
+    unchunk = lambda x: x.reshape((num_chunks * chunk,) + x.shape[2:])[:n]
+    return total, jax.tree.map(unchunk, per_client), unchunk(sq)
+
+  if shards == 1:
+    return per_shard(args, weights)
+  split = jax.tree.map(lambda x: x.reshape((shards, num_clients // shards) + x.shape[1:]),
+                       (args, weights))
+  split = shard_client_axis(split, execution.mesh)
+  totals, per_client, sq = jax.vmap(per_shard)(*split)
+  ones = jnp.ones((shards,))
+  total = jax.tree.map(lambda t: jnp.tensordot(ones.astype(t.dtype), t, axes=1), totals)
+  merge = lambda x: x.reshape((num_clients,) + x.shape[2:])
+  return replicate(total, execution.mesh), jax.tree.map(merge, per_client), merge(sq)

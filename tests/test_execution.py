@@ -106,3 +106,13 @@ def test_streamed_round_compiles_once():
   for r in range(3):
     state, _ = round_fn(state, _batch([5, 6, 7], seed=r), jax.random.key(r))
   assert len(traces) == 1
+
+
+def test_auto_strategy_resolves_per_backend_and_agrees():
+  from fedjax_sync.clients.execution import AUTO_STRATEGY
+  assert AUTO_STRATEGY['cpu'] == 'sequential'
+  batch = _batch([5, 12, 9])
+  reference, _ = _round(ClientExecution('vmap'), batch)
+  state, _ = _round(ClientExecution('auto'), batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+               state.params, reference.params)

@@ -17,7 +17,8 @@ def setup():
   data = load_dataset('synthetic_pooled', num_clients=6, alpha=0.5, seed=0)
   model = fs.models.logistic_regression((60,), 10)
   config = fs.SimulationConfig(num_rounds=2, clients_per_round=4,
-                               local_work=fs.LocalWork(batch_size=16, steps=3), eval_every=2)
+                               local_work=fs.LocalWork(batch_size=16, steps=3), eval_every=2,
+                               per_client_eval=False)
   return data, model, config
 
 
@@ -34,7 +35,7 @@ def test_sweep_equals_sequential_simulations(setup, algorithm, swept):
   result = sweep.run(sweep.init())
   # Compare the two simulations that differ in both seed and value (compiling a
   # Simulator per setting is the slow part of this test).
-  for s in (0, 3):
+  for s in ((0, 3) if algorithm == 'fedavg' else (3,)):
     setting = result.settings[s]
     hparams = dataclasses.replace(base, **{swept: setting[swept]})
     sim = fs.Simulator(fs.build_algorithm(algorithm, model.loss, hparams), model, data,
@@ -44,8 +45,7 @@ def test_sweep_equals_sequential_simulations(setup, algorithm, swept):
                                 single.state.params, rtol=1e-5, atol=1e-6)
     assert len(result.histories[s]) == len(single.history) == 2
     for mine, theirs in zip(result.histories[s], single.history):
-      for key in ('train_loss', 'update_norm', 'client_drift', 'test_accuracy', 'test_loss',
-                  'client_accuracy_var'):
+      for key in ('train_loss', 'update_norm', 'client_drift', 'test_accuracy', 'test_loss'):
         if key in theirs:
           np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, atol=1e-6)
   # Different seeds and learning rates really give different simulations.

@@ -37,7 +37,6 @@ from typing import Sequence
 import numpy as np
 import optax
 
-import fedjax_sync as fs
 from fedjax_sync import reporting
 from fedjax_sync.algorithms.fed_avg import fed_avg
 from fedjax_sync.algorithms.fed_buff import fed_buff

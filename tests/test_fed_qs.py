@@ -16,7 +16,7 @@ from fedjax_sync.algorithms.fed_qs import (FBC, FUC, SBC, SUC, FedQSHyperparamet
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.data import LocalWork, synthetic
 from fedjax_sync.models.models import logistic_regression
-from fedjax_sync.simulate.clock import constant_times, make_clock
+from fedjax_sync.simulate.clock import make_clock
 from fedjax_sync.simulate.semi_async import AsyncConfig, SemiAsyncSimulator
 
 WORK = LocalWork(batch_size=10, steps=2)
@@ -129,7 +129,9 @@ def test_runs_deterministic_sharded_and_keeps_state_for_contributors_only(builde
   data, model = _setup()
   clock = make_clock(np.linspace(1.0, 20.0, 8), dropout=0.2)
   results = []
-  for mesh in (None, fs.client_mesh()):
+  # Sharding is algorithm-agnostic engine code: check it once (FedQS-SGD) to save a compile.
+  meshes = (None, fs.client_mesh()) if builder is fed_qs_sgd else (None,)
+  for mesh in meshes:
     sim = SemiAsyncSimulator(builder(model.loss, num_clients=8), model, data, clock,
                              AsyncConfig(8, 4, WORK, eval_every=8, seed=1),
                              execution=ClientExecution('vmap', None, mesh))
@@ -137,8 +139,9 @@ def test_runs_deterministic_sharded_and_keeps_state_for_contributors_only(builde
     if mesh is None:  # the same seed again, from a fresh init
       results.append(sim.run(sim.init(), evaluate=False))
   chex.assert_trees_all_equal(results[0].state.server, results[1].state.server)
-  chex.assert_trees_all_close(results[0].state.server.params, results[2].state.server.params,
-                              atol=1e-5)
+  if len(results) == 3:
+    chex.assert_trees_all_close(results[0].state.server.params, results[2].state.server.params,
+                                atol=1e-5)
   clients = results[0].state.server.client_states
   contributions = sum(r['num_participants'] for r in results[0].history)
   assert float(jnp.sum(clients.count)) == contributions

@@ -116,7 +116,7 @@ def test_a_dropped_client_never_contributes():
   assert metrics['num_restarted_lost'].sum() > 0
 
 
-def _pair(num_clients=8, seed=3, mesh=None):
+def _pair(num_clients=8):
   data = synthetic(num_clients=num_clients, seed=0)
   model = logistic_regression((60,), 10)
   return data, model

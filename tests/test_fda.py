@@ -125,7 +125,7 @@ def test_sketch_overestimates_with_high_probability():
 def test_sketch_is_linear_and_matches_numpy():
   d = 1234
   hashes = est.ams_sketch_init(d, depth=5, width=250, seed=0)
-  assert hashes.positions.shape == (5, 5, 250)
+  assert hashes.positions.shape == (5, 250, 5)
   # Every row's hash is a permutation of the padded coordinates.
   for r in range(5):
     np.testing.assert_array_equal(np.sort(np.asarray(hashes.positions[r]).ravel()),
@@ -137,9 +137,9 @@ def test_sketch_is_linear_and_matches_numpy():
                               atol=1e-4)
   chex.assert_trees_all_close(est.ams_sketch(2.5 * vectors[0] - vectors[1], hashes),
                               2.5 * sketches[0] - sketches[1], atol=1e-4)
-  # Oracle: S[r, c] = Σ_j sign[r, j, c] · x_pad[position[r, j, c]].
+  # Oracle: S[r, c] = Σ_j sign[r, c, j] · x_pad[position[r, c, j]].
   x = np.concatenate([np.asarray(vectors[0], np.float64), np.zeros(1250 - d)])
-  oracle = np.sum(x[np.asarray(hashes.positions)] * np.asarray(hashes.signs), axis=1)
+  oracle = np.sum(x[np.asarray(hashes.positions)] * np.asarray(hashes.signs), axis=2)
   np.testing.assert_allclose(np.asarray(sketches[0]), oracle, rtol=1e-4, atol=1e-4)
   m2 = float(est.sketch_second_moment(sketches[0]))
   np.testing.assert_allclose(m2, np.median(np.sum(oracle ** 2, 1)), rtol=1e-4)

@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ('scan_1000', 'c10k_logreg', 'c10k_mlp', 'c1k_mlp_vmap', 'c1k_mlp_chunked', 'n1m')
+CONFIGS = ('scan_1000', 'sweep', 'c10k_logreg', 'c10k_mlp', 'c1k_mlp_vmap', 'c1k_mlp_chunked',
+           'n1m')
 QUICK_CONFIGS = ('scan_1000', 'c10k_logreg')
 
 
@@ -63,6 +64,54 @@ def _scan(quick: bool) -> dict:
   return {'rounds': rounds, 'clients_per_round': 10, 'compile_s': compile_s,
           'ms_per_round': 1000 * times[1] / rounds,
           'final_train_loss': float(metrics['train_loss'][-1])}
+
+
+def _sweep(quick: bool) -> dict:
+  """4 seeds × 2 client learning rates as one vmapped program vs one after another."""
+  import jax
+  import optax
+
+  import fedjax_sync as fs
+  from fedjax_sync.algorithms.registry import Hyperparameters
+  from fedjax_sync.simulate.sweep import Sweep, registered_algorithm
+
+  rounds = 50 if quick else 200
+  seeds, lrs = [0, 1, 2, 3], [0.01, 0.05]
+  data = fs.synthetic(1.0, 1.0, num_clients=30, seed=0)
+  model = fs.models.logistic_regression((60,), 10)
+  config = fs.SimulationConfig(num_rounds=rounds, clients_per_round=10,
+                               local_work=fs.LocalWork(batch_size=10, steps=20),
+                               eval_every=rounds, per_client_eval=False)
+  sweep = Sweep(registered_algorithm('fedavg', model.loss, Hyperparameters()), model, data,
+                config, seeds=seeds, hyperparameters={'client_learning_rate': lrs})
+  states = sweep.init()
+  t0 = time.perf_counter()
+  sweep._block(states, rounds)
+  sweep_compile = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  states, _ = sweep.run_rounds(states, 0, rounds)
+  jax.block_until_ready(states.params)
+  sweep_s = time.perf_counter() - t0
+  one_by_one, compile_total = 0.0, 0.0
+  for seed in seeds:
+    for lr in lrs:
+      algorithm = fs.fed_avg(model.loss, optax.sgd(lr))
+      sim = fs.Simulator(algorithm, model, data, fs.SimulationConfig(
+          num_rounds=rounds, clients_per_round=10, local_work=config.local_work,
+          eval_every=rounds, seed=seed, per_client_eval=False))
+      state = sim.init()
+      t0 = time.perf_counter()
+      sim._block(state, rounds)
+      compile_total += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      state, _ = sim.run_rounds(state, 0, rounds)
+      jax.block_until_ready(state.params)
+      one_by_one += time.perf_counter() - t0
+  return {'simulations': len(seeds) * len(lrs), 'rounds': rounds, 'compile_s': sweep_compile,
+          'sweep_s': sweep_s, 'sequential_s': one_by_one,
+          'sequential_compile_s': compile_total, 'speedup': one_by_one / sweep_s,
+          'speedup_with_compile': (one_by_one + compile_total) / (sweep_s + sweep_compile),
+          'ms_per_round': 1000 * sweep_s / rounds}
 
 
 def _many_clients(model_name: str, clients: int, strategy: str, chunk: int | None) -> dict:
@@ -181,6 +230,8 @@ def measure(name: str, quick: bool = False) -> dict:
   """Runs one configuration in this process and returns its figures with peak RSS."""
   if name == 'scan_1000':
     out = _scan(quick)
+  elif name == 'sweep':
+    out = _sweep(quick)
   elif name == 'c10k_logreg':
     out = _many_clients('logreg', 1000 if quick else 10_000, 'chunked', 100)
   elif name == 'c10k_mlp':

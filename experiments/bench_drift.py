@@ -54,7 +54,7 @@ def _time(fn, args, repeats):
 def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
         seeds: int | None = None, clients: Sequence[int] = (10, 100),
         algorithms: Sequence[str] = ALGORITHMS, steps: int = 10, batch_size: int = 32,
-        hidden: int = 200, repeats: int = 5) -> dict:
+        hidden: int = 200, repeats: int = 9) -> dict:
   """Times one round per algorithm; returns `{C: {algorithm: seconds}}` and ratios.
 
   Args:
@@ -92,11 +92,24 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
   for num_clients in clients:
     batch = _batch(num_clients, steps, batch_size, 60, 10)
     key = jax.random.key(1)
-    per = {}
+    # Compile and warm up every round first, then time them interleaved: each
+    # repetition times every algorithm once, so load drift on a shared machine
+    # hits all algorithms alike; ratios are medians of per-repetition ratios.
+    steps_fns = {}
     for name in algorithms:
       algorithm = fs.build_algorithm(name, model.loss, hparams, num_clients=num_clients)
-      state = algorithm.init(params)
-      per[name] = _time(jax.jit(algorithm.round), (state, batch, key), repeats)
+      fn, state = jax.jit(algorithm.round), algorithm.init(params)
+      jax.block_until_ready(fn(state, batch, key))
+      steps_fns[name] = (fn, state)
+    samples = {name: [] for name in algorithms}
+    for _ in range(repeats):
+      for name, (fn, state) in steps_fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(state, batch, key))
+        samples[name].append(time.perf_counter() - start)
+    per = {name: statistics.median(v) for name, v in samples.items()}
+    ratios = {name: statistics.median(a / b for a, b in zip(v, samples['fedavg']))
+              for name, v in samples.items()}
     # The aggregation alone, on stacked updates of the model's shape.
     updates = jax.tree.map(
         lambda p: jax.random.normal(jax.random.key(2), (num_clients,) + p.shape, p.dtype), params)
@@ -106,9 +119,9 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
       state = agg.init(params, num_clients)
       aggregation[label] = _time(jax.jit(agg.apply),
                                  (updates, batch.weight, state, key, batch.client_ids), repeats)
-    seconds[num_clients] = {'round': per, 'aggregation': aggregation}
+    seconds[num_clients] = {'round': per, 'ratio': ratios, 'aggregation': aggregation}
     for name, t in per.items():
-      ratio = t / per['fedavg']
+      ratio = ratios[name]
       rows.append({'clients': num_clients, 'algorithm': name, 'seconds': t, 'ratio': ratio})
       table.append([num_clients, name, f'{1e3 * t:.1f}', f'{ratio:.2f}'])
     for label, t in aggregation.items():
@@ -120,18 +133,18 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
   names = [n for n in algorithms]
   reporting.plot_lines(
       f'{run_dir}/cost_ratio.png',
-      {n: (list(clients), [seconds[c]['round'][n] / seconds[c]['round']['fedavg'] for c in clients])
+      {n: (list(clients), [seconds[c]['ratio'][n] for c in clients])
        for n in names}, xlabel='clients per round C', ylabel='round time / FedAvg round time',
       title='Per-round cost relative to FedAvg', logx=True)
   notes = (f'{jax.devices()[0].platform} ({len(jax.devices())} device(s)), one process; MLP '
            f'60-{hidden}-10 ({num_params} parameters), S = {steps} local steps of batch '
-           f'{batch_size}, median of {repeats} rounds after warm-up. Ratios are measured in '
-           'one run; absolute times are noisy on a shared machine. "aggregation only" rows '
+           f'{batch_size}, {repeats} interleaved repetitions after warm-up; ms = median, ratio = '
+           'median of per-repetition ratios to FedAvg (absolute times are noisy on a shared '
+           'machine). "aggregation only" rows '
            'give the reducer alone as a fraction of a FedAvg round.')
   reporting.write_summary(run_dir, 'Per-round cost of client-drift algorithms',
                           ['C', 'algorithm', 'ms / round', '× FedAvg'], table, notes)
-  return {str(c): {n: round(v / seconds[c]['round']['fedavg'], 3)
-                   for n, v in seconds[c]['round'].items()} for c in clients}
+  return {str(c): {n: round(v, 3) for n, v in seconds[c]['ratio'].items()} for c in clients}
 
 
 if __name__ == '__main__':

@@ -116,3 +116,17 @@ def test_auto_strategy_resolves_per_backend_and_agrees():
   state, _ = _round(ClientExecution('auto'), batch)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
                state.params, reference.params)
+
+
+def test_floyd_sampling_of_a_large_population_is_distinct_and_uniform():
+  from fedjax_sync.data.batching import FLOYD_MIN_POPULATION, sample_clients
+  n = FLOYD_MIN_POPULATION
+  counts = jnp.ones((n,), jnp.int32)
+  sample = jax.jit(jax.vmap(lambda k: sample_clients(k, counts, 8)))
+  ids = np.asarray(sample(jax.random.split(jax.random.key(0), 4000)))
+  assert ids.min() >= 0 and ids.max() < n
+  assert all(len(set(row)) == 8 for row in ids)
+  # Uniform inclusion: each of 16 equal blocks of ids gets 1/16 of the 32,000 draws
+  # (expected 2000, sd ≈ 43; a bias toward the top ids would show in the last block).
+  blocks = np.bincount(ids.ravel() * 16 // n, minlength=16)
+  assert np.all(np.abs(blocks - 2000) < 250), blocks

@@ -85,8 +85,36 @@ def sample_clients(key: jax.Array, counts: jax.Array, clients_per_round: int, *,
   p = None
   if proportional_to_size:
     p = counts.astype(jnp.float32) / jnp.sum(counts)
+  elif num_clients >= FLOYD_MIN_POPULATION and clients_per_round <= FLOYD_MAX_SAMPLE:
+    return _floyd_sample(key, num_clients, clients_per_round)
   ids = jax.random.choice(key, num_clients, (clients_per_round,), replace=False, p=p)
   return ids.astype(jnp.int32)
+
+
+# `jax.random.choice(replace=False)` permutes the whole population (625 ms of CPU for
+# 10 of 10^6 clients); Floyd's algorithm costs O(C²) and does not depend on N.
+FLOYD_MIN_POPULATION = 2**16
+FLOYD_MAX_SAMPLE = 4096
+
+
+def _floyd_sample(key: jax.Array, num_clients: int, clients_per_round: int) -> jax.Array:
+  """C distinct ids, every C-subset of [0, N) equally likely (R. Floyd's algorithm).
+
+  For j = N − C, ..., N − 1: draw t uniform in [0, j]; take t unless already taken,
+  else take j. The order of the ids is not uniformly random (the round's result does
+  not depend on the clients' order).
+  """
+  keys = jax.random.split(key, clients_per_round)
+  start = num_clients - clients_per_round
+
+  def body(i, chosen):
+    j = start + i
+    t = jax.random.randint(keys[i], (), 0, j + 1, dtype=jnp.int32)
+    taken = jnp.any(chosen == t)
+    return chosen.at[i].set(jnp.where(taken, j, t).astype(jnp.int32))
+
+  return jax.lax.fori_loop(0, clients_per_round, body,
+                           jnp.full((clients_per_round,), -1, jnp.int32))
 
 
 def make_client_batch(key: jax.Array, data: DeviceData, client_ids: jax.Array,

@@ -121,15 +121,17 @@ def _many_clients(model_name: str, clients: int, strategy: str, chunk: int | Non
 
   import fedjax_sync as fs
 
+  import numpy as np
+
   b = 20
+  rng = np.random.default_rng(0)   # numpy: no transient int32/uint32 copies of the inputs
   if model_name == 'mlp':
     model = fs.models.mlp((784,), 10)
-    x = jax.random.randint(jax.random.key(1), (clients, 1, b, 784), 0, 256, jnp.int32).astype(
-        jnp.uint8)
+    x = jnp.asarray(rng.integers(0, 256, (clients, 1, b, 784), dtype=np.uint8))
   else:
     model = fs.models.logistic_regression((60,), 10)
-    x = jax.random.normal(jax.random.key(1), (clients, 1, b, 60))
-  y = jax.random.randint(jax.random.key(2), (clients, 1, b), 0, 10)
+    x = jnp.asarray(rng.standard_normal((clients, 1, b, 60), dtype=np.float32))
+  y = jnp.asarray(rng.integers(0, 10, (clients, 1, b), dtype=np.int32))
   batch = fs.ClientBatch(data={'x': x, 'y': y}, mask=jnp.ones((clients, 1, b), bool),
                          client_ids=jnp.arange(clients, dtype=jnp.int32),
                          weight=jnp.full((clients,), float(b)))

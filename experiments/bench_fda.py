@@ -33,7 +33,8 @@ from fedjax_sync.data.batching import to_device
 from fedjax_sync.data.federated import from_client_indices
 
 VARIANTS = ('none', 'naive', 'naive_per_layer', 'linear', 'sketch')
-TARGETS = {'naive': 0.05, 'naive_per_layer': 0.05, 'linear': 0.05, 'sketch': 0.20}
+TARGETS = {'naive': 0.05, 'naive_per_layer': 0.05, 'linear': 0.05, 'sketch': 0.20,
+           'sketch_shortcut': 0.20}
 
 
 def _data(num_workers: int, per_client: int, dim: int, seed: int = 0):
@@ -68,6 +69,10 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
   for name in VARIANTS[1:]:
     algorithms[name] = fda(model.loss, opt, num_workers=k, threshold=math.inf, estimator=name,
                            track_variance=False)
+  # Simulation only: one sketch of ū per step instead of K (same decisions).
+  algorithms['sketch_shortcut'] = fda(model.loss, opt, num_workers=k, threshold=math.inf,
+                                      estimator='sketch', track_variance=False,
+                                      simulation_shortcut=True)
   compiled, states = {}, {}
   for name, algorithm in algorithms.items():
     block = make_block(algorithm, 32)

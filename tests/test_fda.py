@@ -122,6 +122,16 @@ def test_sketch_overestimates_with_high_probability():
   assert np.all(estimates >= 0.9 * variances)
 
 
+def test_sketch_simulation_shortcut_equals_protocol():
+  rng = np.random.default_rng(5)
+  sketch = est.sketch(seed=2)
+  for common in (0.0, 3.0):
+    drifts = _drifts(rng, k=5, common=common)
+    state = sketch.init(jax.tree.map(lambda x: x[0], drifts))
+    np.testing.assert_allclose(float(sketch.estimate_from_drifts(drifts, state)),
+                               _estimate(sketch, drifts, state), rtol=1e-4)
+
+
 def test_sketch_is_linear_and_matches_numpy():
   d = 1234
   hashes = est.ams_sketch_init(d, depth=5, width=250, seed=0)
@@ -229,6 +239,11 @@ def test_sharded_over_four_devices_gives_same_decisions(setup):
   np.testing.assert_array_equal(synced, np.asarray(metrics_4['synced']))
   chex.assert_trees_all_close(state_1.anchor, state_4.anchor, atol=1e-5)
   np.testing.assert_allclose(metrics_1['estimate'], metrics_4['estimate'], rtol=1e-4, atol=1e-6)
+  # The simulation shortcut (one sketch of ū) makes the same decisions.
+  shortcut = fda_lib.fda(model.loss, optax.sgd(0.02), simulation_shortcut=True, **kwargs)
+  _, metrics_s = _run_steps(shortcut, data, params, 12)
+  np.testing.assert_array_equal(synced, np.asarray(metrics_s['synced']))
+  np.testing.assert_allclose(metrics_1['estimate'], metrics_s['estimate'], rtol=1e-4, atol=1e-6)
 
 
 def test_run_averaging_bytes_and_no_retrace(setup):

@@ -100,7 +100,7 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
                       threshold: float | None = None, period: int | None = None,
                       server_optimizer: optax.GradientTransformation | None = None,
                       weighting: str = 'plain', reset_optimizer_on_sync: bool = False,
-                      track_variance: bool = True,
+                      track_variance: bool = True, simulation_shortcut: bool = False,
                       execution: ClientExecution = ClientExecution(),
                       name: str | None = None) -> AveragingAlgorithm:
   """Step-level model averaging of K workers with a dynamic or periodic trigger.
@@ -126,6 +126,9 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
     reset_optimizer_on_sync: restart the local optimizer states at each sync.
     track_variance: also compute the true variance each step (a simulation-only
       metric costing about as much as the naive estimator; off for benchmarks).
+    simulation_shortcut: compute Est with the estimator's `estimate_from_drifts`
+      when it has one (the sketch: one sketch of ū instead of K); the decisions and
+      the bytes counted are unchanged, only the simulation is cheaper.
     execution: how the K workers' steps are mapped (vmap / chunked / sequential,
       sharded over a 'clients' mesh; K must divide by the device count).
     name: the algorithm's name.
@@ -208,10 +211,13 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
         lambda p, o, b, m, k: local_step(p, o, b, m, k), inputs, execution)
     drifts = jax.tree.map(lambda w, a: w - a[None], params, state.anchor)
     metrics = {}
-    if dynamic:
+    if dynamic and simulation_shortcut and estimator.estimate_from_drifts is not None:
+      est = estimator.estimate_from_drifts(drifts, state.estimator_state)
+    elif dynamic:
       local_states = jax.vmap(estimator.local_state, in_axes=(0, None))(
           drifts, state.estimator_state)
       est = estimator.estimate(local_states, state.estimator_state)
+    if dynamic:
       do_sync = est > state.threshold
       metrics['estimate'] = est
     else:

@@ -117,7 +117,7 @@ def aggregator_seconds(aggregator, params, clients: int, repeats: int) -> float:
 
 def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
         seeds: int | None = None, sizes=None, repeats: int | None = None,
-        budget_seconds: float = 1200.0) -> dict:
+        budget_seconds: float = 1200.0, names=None) -> dict:
   """Times every aggregator; returns {name@C: ratio to local training at C = 100}."""
   del dataset, seeds
   reporting.prepare_run_dir(run_dir, allow_existing=True)
@@ -137,6 +137,11 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
   rows, results = [], {}
   entries = [(n, f, 'reducer') for n, f in REDUCERS.items()] + \
             [(n, f, 'transform') for n, f in TRANSFORMS.items()]
+  if names is not None:
+    unknown = set(names) - {e[0] for e in entries}
+    if unknown:
+      raise ValueError(f'unknown aggregators {sorted(unknown)}; valid: {[e[0] for e in entries]}')
+    entries = [e for e in entries if e[0] in names]
   table: dict[str, dict[int, str]] = {}
   # Sizes outermost, so that the time budget cuts the largest C first.
   for clients in sizes:

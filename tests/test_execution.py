@@ -130,3 +130,14 @@ def test_floyd_sampling_of_a_large_population_is_distinct_and_uniform():
   # (expected 2000, sd ≈ 43; a bias toward the top ids would show in the last block).
   blocks = np.bincount(ids.ravel() * 16 // n, minlength=16)
   assert np.all(np.abs(blocks - 2000) < 250), blocks
+
+
+@pytest.mark.parametrize('sharded', [False, True])
+def test_loop_strategy_agrees_with_vmap(sharded):
+  batch = _batch([5, 12, 9, 4])
+  reference, ref_metrics = _round(ClientExecution('vmap'), batch)
+  mesh = fs.client_mesh() if sharded else None
+  state, metrics = _round(ClientExecution('loop', mesh=mesh), batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+               state.params, reference.params)
+  np.testing.assert_allclose(metrics['client_loss'], ref_metrics['client_loss'], rtol=1e-5)

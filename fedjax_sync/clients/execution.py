@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-STRATEGIES = ('vmap', 'chunked', 'sequential', 'auto')
+STRATEGIES = ('vmap', 'chunked', 'sequential', 'loop', 'auto')
 # What 'auto' runs on each backend (measured, docs/performance.md): on CPU one client
 # at a time keeps each client's model in cache and beat vmap 2.3x on the MLP round;
 # accelerators want the batched clients.
@@ -97,6 +97,12 @@ def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution
   def per_shard(shard_args):
     if strategy == 'vmap':
       return jax.vmap(fn)(*shard_args)
+    if strategy == 'loop':
+      # Python-unrolled: one traced copy per client, no while loop (XLA:CPU runs
+      # convolutions inside loops far slower); compile time grows with C.
+      n = jax.tree.leaves(shard_args)[0].shape[0]
+      outs = [fn(*jax.tree.map(lambda x: x[c], shard_args)) for c in range(n)]
+      return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
     batch = execution.chunk_size if strategy == 'chunked' else None
     return jax.lax.map(lambda a: fn(*a), shard_args, batch_size=batch)
 

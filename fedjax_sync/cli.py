@@ -84,9 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the algorithm's own (1.0 FedAvg, 0.1 FedSGD, 0.01 FedAdam)")
   run.add_argument('--server-momentum', type=_non_negative_float, default=0.9)
   run.add_argument('--mu', type=_non_negative_float, default=0.01, help='FedProx μ')
+  run.add_argument('--scaffold-option', default='II', choices=('I', 'II'))
+  run.add_argument('--sam-rho', type=_positive_float, default=0.05, help='FedSAM/FedSAGM ρ')
+  run.add_argument('--sagm-alpha', type=_non_negative_float, default=0.001, help='FedSAGM α')
+  run.add_argument('--kappa', type=_positive_float, default=0.005, help='Kuramoto-FedAvg κ0')
+  run.add_argument('--kappa-decay', type=_positive_float, default=1.0,
+                   help='Kuramoto-FedAvg schedule κ_t = κ0 · decay^t')
   run.add_argument('--eval-every', type=_positive_int, default=10)
   run.add_argument('--seed', type=int, default=0)
-  run.add_argument('--execution', default='vmap', choices=STRATEGIES)
+  run.add_argument('--execution', default='auto', choices=STRATEGIES,
+                   help="client execution (default 'auto': sequential on CPU, vmap on GPU/TPU)")
   run.add_argument('--chunk-size', type=_positive_int, default=None)
   run.add_argument('--shard', action='store_true',
                    help="shard the client axis over all local devices ('clients' mesh)")
@@ -147,7 +154,9 @@ def _run(args) -> int:
   execution = fs.ClientExecution(args.execution, args.chunk_size, mesh).validate()
   hparams = fs.Hyperparameters(
       client_learning_rate=args.client_lr, client_momentum=args.client_momentum,
-      server_learning_rate=args.server_lr, server_momentum=args.server_momentum, mu=args.mu)
+      server_learning_rate=args.server_lr, server_momentum=args.server_momentum, mu=args.mu,
+      scaffold_option=args.scaffold_option, sam_rho=args.sam_rho, sagm_alpha=args.sagm_alpha,
+      kappa=args.kappa, kappa_decay=args.kappa_decay)
   algorithm = fs.build_algorithm(args.algorithm, model.loss, hparams,
                                  num_clients=data.num_clients, execution=execution)
   steps = args.local_steps if (args.local_steps or args.local_epochs) else 20

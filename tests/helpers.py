@@ -30,7 +30,8 @@ def classification_data(n=120, d=5, k=3, seed=0):
   return x, y
 
 
-def init_params(d=5, k=3, seed=1, dtype=np.float64):
+def init_params(d=5, k=3, seed=1, dtype=None):
+  """float64 under `jax.enable_x64`, else JAX's default float."""
   rng = np.random.default_rng(seed)
   return {'w': jnp.asarray(rng.normal(size=(d, k)) * 0.1, dtype),
           'b': jnp.asarray(rng.normal(size=(k,)) * 0.1, dtype)}

@@ -25,16 +25,18 @@ class ClientExecution(NamedTuple):
   """Client-execution choice.
 
   Attributes:
-    strategy: 'vmap' (all clients batched), 'chunked' (`chunk_size` clients under
-      vmap at a time, bounding memory), or 'sequential' (one client at a time in
-      a compiled loop; on CPU this avoids the grouped convolutions that vmapped
-      convolutions become), or 'auto' (the measured best per backend:
-      `AUTO_STRATEGY`, 'sequential' on CPU, 'vmap' on GPU/TPU).
+    strategy: 'auto' (default: the measured best per backend, `AUTO_STRATEGY`:
+      'sequential' on CPU, 'vmap' on GPU/TPU), 'vmap' (all clients batched),
+      'chunked' (`chunk_size` clients under vmap at a time, bounding memory),
+      'sequential' (one client at a time in a compiled loop), or 'loop' (clients
+      unrolled in the trace: no while loop around a convolution, the fastest for
+      CNNs on CPU together with `unroll=True` local steps; compile time grows
+      with C).
     chunk_size: clients per chunk for 'chunked'.
     mesh: optional `Mesh` with a `'clients'` axis to shard the client axis over.
   """
 
-  strategy: str = 'vmap'
+  strategy: str = 'auto'
   chunk_size: int | None = None
   mesh: Mesh | None = None
 

@@ -1,25 +1,29 @@
-"""Drivers of simulations."""
+"""Drivers of simulations: synchronous rounds, sweeps, the simulated clock and the
+semi-asynchronous engine. Checkpoints and many hosts: `fedjax_sync.simulate.checkpoint`,
+`fedjax_sync.simulate.multihost`."""
 
-from fedjax_sync.simulate.evaluation import make_evaluator
-from fedjax_sync.simulate.rounds import (SimulationConfig, SimulationResult, Simulator,
-                                         rounds_to_reach)
-from fedjax_sync.simulate.sweep import Sweep, SweepResult, registered_algorithm
-
-__all__ = ['SimulationConfig', 'SimulationResult', 'Simulator', 'Sweep', 'SweepResult',
-           'make_evaluator', 'registered_algorithm', 'rounds_to_reach']
-
-# Simulated clock, stragglers and the semi-asynchronous engine (issue #7).
-from fedjax_sync.simulate.clock import (ClientClock, RoundPolicy, apply_round_policy,  # noqa: E402
+from fedjax_sync.simulate.clock import (ClientClock, RoundPolicy, apply_round_policy,
                                         constant_times, first_m, job_available, job_times,
                                         lognormal_times, make_clock, over_selection,
                                         speed_ratio_times, wait_for_all, with_clock,
                                         with_deadline)
-from fedjax_sync.simulate.semi_async import (AsyncAlgorithm, AsyncConfig,  # noqa: E402
-                                             AsyncResult, AsyncRound, AsyncState,
-                                             SemiAsyncSimulator, make_async_engine)
+from fedjax_sync.simulate.evaluation import make_evaluator
+from fedjax_sync.simulate.rounds import (SimulationConfig, SimulationResult, Simulator,
+                                         rounds_to_reach)
+from fedjax_sync.simulate.semi_async import (AsyncAlgorithm, AsyncConfig, AsyncResult,
+                                             AsyncRound, AsyncState, SemiAsyncSimulator,
+                                             make_async_engine)
+from fedjax_sync.simulate.sweep import Sweep, SweepResult, registered_algorithm
 
-__all__ += ['AsyncAlgorithm', 'AsyncConfig', 'AsyncResult', 'AsyncRound', 'AsyncState',
-            'ClientClock', 'RoundPolicy', 'SemiAsyncSimulator', 'apply_round_policy',
-            'constant_times', 'first_m', 'job_available', 'job_times', 'lognormal_times',
-            'make_async_engine', 'make_clock', 'over_selection', 'speed_ratio_times',
-            'wait_for_all', 'with_clock', 'with_deadline']
+__all__ = [
+    # Synchronous rounds and sweeps.
+    'SimulationConfig', 'SimulationResult', 'Simulator', 'Sweep', 'SweepResult',
+    'make_evaluator', 'registered_algorithm', 'rounds_to_reach',
+    # The simulated clock.
+    'ClientClock', 'RoundPolicy', 'apply_round_policy', 'constant_times', 'first_m',
+    'job_available', 'job_times', 'lognormal_times', 'make_clock', 'over_selection',
+    'speed_ratio_times', 'wait_for_all', 'with_clock', 'with_deadline',
+    # The semi-asynchronous engine.
+    'AsyncAlgorithm', 'AsyncConfig', 'AsyncResult', 'AsyncRound', 'AsyncState',
+    'SemiAsyncSimulator', 'make_async_engine',
+]

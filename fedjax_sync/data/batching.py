@@ -78,17 +78,24 @@ def to_device(data: FederatedData, sharding=None) -> DeviceData:
 
 def sample_clients(key: jax.Array, counts: jax.Array, clients_per_round: int, *,
                    proportional_to_size: bool = False) -> jax.Array:
-  """Samples `[C]` distinct client ids, uniformly or with probability ∝ size."""
+  """Samples `[C]` distinct client ids, uniformly or with probability ∝ size.
+
+  Uniform: the C largest of N uniform keys (`lax.top_k`, O(N)), or Floyd's O(C²)
+  algorithm when N ≥ 65,536. Proportional: Gumbel top-k over `log(n_k)`, which is
+  exactly successive sampling without replacement with probabilities ∝ n_k.
+  `jax.random.choice(replace=False)` permutes the whole population instead
+  (measured here: 5.6 ms at N = 10⁴ against 0.6 ms for top-k; 705 ms at N = 10⁶).
+  """
   num_clients = counts.shape[0]
   if not 1 <= clients_per_round <= num_clients:
     raise ValueError(f'clients_per_round must be in [1, {num_clients}], got {clients_per_round}')
-  p = None
   if proportional_to_size:
-    p = counts.astype(jnp.float32) / jnp.sum(counts)
-  elif num_clients >= FLOYD_MIN_POPULATION and clients_per_round <= FLOYD_MAX_SAMPLE:
+    scores = jnp.log(counts.astype(jnp.float32)) + jax.random.gumbel(key, (num_clients,))
+    return jax.lax.top_k(scores, clients_per_round)[1].astype(jnp.int32)
+  if num_clients >= FLOYD_MIN_POPULATION and clients_per_round <= FLOYD_MAX_SAMPLE:
     return _floyd_sample(key, num_clients, clients_per_round)
-  ids = jax.random.choice(key, num_clients, (clients_per_round,), replace=False, p=p)
-  return ids.astype(jnp.int32)
+  scores = jax.random.uniform(key, (num_clients,))
+  return jax.lax.top_k(scores, clients_per_round)[1].astype(jnp.int32)
 
 
 # `jax.random.choice(replace=False)` permutes the whole population (625 ms of CPU for

@@ -133,9 +133,7 @@ def federated_algorithm(client_update: ClientUpdate, *,
                and init_client_state is None and update_extra is None)
 
   def _streamed_round(state, batch, inputs, one_client):
-    weight = batch.weight.astype(jnp.float32)
-    total = jnp.sum(weight)
-    normalized = weight / jnp.where(total > 0, total, 1.0)
+    normalized = _normalized_weights(batch)
 
     def one(*a):
       out = one_client(*a)
@@ -151,6 +149,30 @@ def federated_algorithm(client_update: ClientUpdate, *,
   return Algorithm(init=init, round=round_fn, name=name)
 
 
+def _shared_metrics(client_metrics: dict, batch: ClientBatch, aggregate: Params,
+                    params: Params) -> dict[str, jax.Array]:
+  """Loss, participation, update norm and bytes: the metrics of every synchronous round."""
+  present = (batch.weight > 0).astype(jnp.float32)
+  loss_sum = client_metrics['loss_sum']
+  num_examples = client_metrics['num_examples']
+  total_examples = jnp.sum(present * num_examples)
+  participants = jnp.sum(present)
+  return {
+      'train_loss': jnp.sum(present * loss_sum) / jnp.maximum(total_examples, 1),
+      'client_loss': loss_sum / jnp.maximum(num_examples, 1),
+      'num_participants': participants,
+      'update_norm': tree_lib.tree_norm(aggregate),
+      'bytes_up': participants * communication.model_bytes(params),
+      'bytes_down': participants * communication.model_bytes(params),
+  }
+
+
+def _normalized_weights(batch: ClientBatch) -> jax.Array:
+  weight = batch.weight.astype(jnp.float32)
+  total = jnp.sum(weight)
+  return weight / jnp.where(total > 0, total, 1.0)
+
+
 def streamed_round_metrics(client_metrics: dict, sq_norms: jax.Array, batch: ClientBatch,
                            aggregate: Params, params: Params) -> dict[str, jax.Array]:
   """`round_metrics` when updates were reduced chunk by chunk.
@@ -159,25 +181,11 @@ def streamed_round_metrics(client_metrics: dict, sq_norms: jax.Array, batch: Cli
   mean is known; instead `client_drift_rms = sqrt(Σ_k p_k ‖u_k‖² − ‖ū‖²)`, the
   weighted RMS distance to the mean update, is computed from the running sums.
   """
-  weight = batch.weight.astype(jnp.float32)
-  present = (weight > 0).astype(jnp.float32)
-  loss_sum = client_metrics['loss_sum']
-  num_examples = client_metrics['num_examples']
-  total_examples = jnp.sum(present * num_examples)
-  total_weight = jnp.sum(weight)
-  normalized = weight / jnp.where(total_weight > 0, total_weight, 1.0)
-  participants = jnp.sum(present)
-  mean_sq = jnp.sum(normalized * sq_norms.astype(jnp.float32))
-  aggregate_sq = tree_lib.tree_sq_norm(aggregate)
-  return {
-      'train_loss': jnp.sum(present * loss_sum) / jnp.maximum(total_examples, 1),
-      'client_loss': loss_sum / jnp.maximum(num_examples, 1),
-      'num_participants': participants,
-      'update_norm': jnp.sqrt(aggregate_sq),
-      'client_drift_rms': jnp.sqrt(jnp.maximum(mean_sq - aggregate_sq, 0.0)),
-      'bytes_up': participants * tree_lib.tree_num_bytes(params),
-      'bytes_down': participants * tree_lib.tree_num_bytes(params),
-  }
+  mean_sq = jnp.sum(_normalized_weights(batch) * sq_norms.astype(jnp.float32))
+  metrics = _shared_metrics(client_metrics, batch, aggregate, params)
+  metrics['client_drift_rms'] = jnp.sqrt(
+      jnp.maximum(mean_sq - tree_lib.tree_sq_norm(aggregate), 0.0))
+  return metrics
 
 
 def round_metrics(outputs: ClientOutput, batch: ClientBatch, aggregate: Params,
@@ -189,24 +197,10 @@ def round_metrics(outputs: ClientOutput, batch: ClientBatch, aggregate: Params,
   ‖u_k − ū‖ with ū the weighted mean update), and the communication of a plain
   full-model exchange: `bytes_up` (participants × update bytes) and `bytes_down`.
   """
-  weight = batch.weight.astype(jnp.float32)
-  present = (weight > 0).astype(jnp.float32)
-  loss_sum = outputs.metrics['loss_sum']
-  num_examples = outputs.metrics['num_examples']
-  client_loss = loss_sum / jnp.maximum(num_examples, 1)
-  total_examples = jnp.sum(present * num_examples)
-  total_weight = jnp.sum(weight)
-  normalized = weight / jnp.where(total_weight > 0, total_weight, 1.0)
+  normalized = _normalized_weights(batch)
   mean_update = tree_lib.client_weighted_sum(outputs.update, normalized)
   deviations = jax.tree.map(lambda u, m: u - m[None], outputs.update, mean_update)
   drift = jnp.sqrt(jnp.maximum(tree_lib.client_sq_norms(deviations), 0.0))
-  participants = jnp.sum(present)
-  return {
-      'train_loss': jnp.sum(present * loss_sum) / jnp.maximum(total_examples, 1),
-      'client_loss': client_loss,
-      'num_participants': participants,
-      'update_norm': tree_lib.tree_norm(aggregate),
-      'client_drift': jnp.sum(normalized * drift),
-      'bytes_up': participants * communication.model_bytes(params),
-      'bytes_down': participants * communication.model_bytes(params),
-  }
+  metrics = _shared_metrics(outputs.metrics, batch, aggregate, params)
+  metrics['client_drift'] = jnp.sum(normalized * drift)
+  return metrics

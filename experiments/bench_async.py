@@ -108,7 +108,7 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
         ids = ((r * buffer_size + jnp.arange(buffer_size)) % n).astype(jnp.int32)
         _, batch_key, key = jax.random.split(jax.random.fold_in(jax.random.key(0), r), 3)
         batch = make_client_batch(batch_key, sync._device_data, ids, work,
-                                  max_count=sync._max_count, min_count=sync._min_count)
+                                  max_count=sync._max_count)
         return algorithm.round(s, batch, key)
       return jax.lax.scan(body, state, start + jnp.arange(block))
 

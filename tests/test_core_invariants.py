@@ -22,7 +22,7 @@ def _batch(ids, key=0):
   counts = DATA.counts
   positive = counts[counts > 0]
   return make_client_batch(jax.random.key(key), to_device(DATA), jnp.asarray(ids, jnp.int32), WORK,
-                           max_count=int(positive.max()), min_count=int(positive.min()))
+                           max_count=int(positive.max()))
 
 
 def _params():

@@ -53,11 +53,6 @@ class LocalWork(NamedTuple):
       return self.steps
     return max(1, math.ceil(self.epochs * max_count / self.batch_size))
 
-  def num_epochs_drawn(self, min_count: int) -> int:
-    """Static number of shuffled epochs drawn per client to fill the stream."""
-    if self.epochs is not None:
-      return self.epochs
-    return max(1, math.ceil(self.steps * self.batch_size / max(min_count, 1)))
 
 
 class DeviceData(NamedTuple):
@@ -125,11 +120,14 @@ def _floyd_sample(key: jax.Array, num_clients: int, clients_per_round: int) -> j
 
 
 def make_client_batch(key: jax.Array, data: DeviceData, client_ids: jax.Array,
-                      work: LocalWork, *, max_count: int, min_count: int) -> ClientBatch:
+                      work: LocalWork, *, max_count: int) -> ClientBatch:
   """Builds the round input for `client_ids` from device-resident data.
 
-  Each client's examples are reshuffled every epoch from `fold_in(key, client_id)`,
-  so a client's batches do not depend on its position in the round.
+  Each client's examples are reshuffled every epoch by a keyed pseudo-random
+  permutation (a 12-round Feistel network with cycle walking) derived from
+  `fold_in(key, client_id)` and the epoch index, so a client's batches do not
+  depend on its position in the round, and only the positions trained on are
+  computed (no sort of the client's examples).
 
   Args:
     key: the round's batching key.
@@ -137,32 +135,30 @@ def make_client_batch(key: jax.Array, data: DeviceData, client_ids: jax.Array,
     client_ids: `[C]` int32.
     work: local work (epochs or steps, and batch size).
     max_count: static largest client size of the population.
-    min_count: static smallest positive client size of the population.
 
   Returns:
     `ClientBatch` with data leaves `[C, S, B, ...]`, mask `[C, S, B]` and weights
     equal to the number of distinct real examples each client trains on.
   """
   num_steps = work.num_steps(max_count)
-  num_epochs = work.num_epochs_drawn(min_count)
-  positions = jnp.arange(num_steps * work.batch_size)
+  positions = jnp.arange(num_steps * work.batch_size, dtype=jnp.int32)
 
   def one_client(cid):
     n = data.counts[cid]
-    ckey = jax.random.fold_in(key, cid)
-    # One shuffle per epoch: random keys, padding rows sorted last.
-    noise = jax.random.uniform(ckey, (num_epochs, max_count))
-    noise = jnp.where(jnp.arange(max_count) < n, noise, 2.0)
-    perms = jnp.argsort(noise, axis=1)
     safe_n = jnp.maximum(n, 1)
-    epoch = jnp.minimum(positions // safe_n, num_epochs - 1)
-    within = positions % safe_n
+    epoch = positions // safe_n
+    # Epoch e of this client is the keyed permutation F_{key, client, e} of [0, n):
+    # round keys are the client's random bits hashed with the epoch index.
+    client_bits = jax.random.bits(jax.random.fold_in(key, cid), (_FEISTEL_ROUNDS,))
+    round_keys = _mix32(client_bits[None, :] ^ _mix32(
+        epoch.astype(jnp.uint32)[:, None] * jnp.uint32(0x9E3779B9)
+        + jnp.arange(_FEISTEL_ROUNDS, dtype=jnp.uint32)[None, :]))
+    within = _keyed_permutation(positions % safe_n, safe_n, round_keys)
     if work.epochs is not None:
       real = positions < work.epochs * n
     else:
       real = jnp.broadcast_to(n > 0, positions.shape)
-    rows = data.offsets[cid] + perms[epoch, within]
-    rows = jnp.where(real, rows, data.offsets[cid])
+    rows = jnp.where(real, data.offsets[cid] + within, data.offsets[cid])
     return rows.reshape(num_steps, work.batch_size), real.reshape(num_steps, work.batch_size)
 
   rows, mask = jax.vmap(one_client)(client_ids)
@@ -174,6 +170,46 @@ def make_client_batch(key: jax.Array, data: DeviceData, client_ids: jax.Array,
     weight = jnp.minimum(counts, work.steps * work.batch_size)
   return ClientBatch(data=batch, mask=mask, client_ids=client_ids,
                      weight=weight.astype(jnp.float32))
+
+
+_FEISTEL_ROUNDS = 12
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A 32-bit integer finalizer (xorshift-multiply), the Feistel round function."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _keyed_permutation(index: jax.Array, n: jax.Array, round_keys: jax.Array) -> jax.Array:
+  """`π(index)` for a keyed pseudo-random permutation π of `[0, n)`, elementwise.
+
+  A balanced 12-round Feistel network permutes `[0, 4^h)`, the smallest such
+  range holding n (so fewer than 4n values); cycle walking (re-applying it until
+  the value falls below n, under 4 times on average) restricts it to a bijection
+  of `[0, n)`. Every position costs O(1): a client's epoch is shuffled without
+  sorting its examples, and only the positions actually trained on are computed.
+  `n` is a scalar; `round_keys` is `[..., 12]` uint32, one row per element of `index`.
+  """
+  bits = 32 - jax.lax.clz(jnp.maximum(n, 2).astype(jnp.uint32) - 1)  # bits of n − 1
+  half_bits = (bits + 1) // 2
+  mask = (jnp.uint32(1) << half_bits) - 1
+  shift = half_bits
+
+  def feistel(x):
+    left, right = x >> shift, x & mask
+    for r in range(_FEISTEL_ROUNDS):
+      left, right = right, left ^ (_mix32(right ^ round_keys[..., r]) & mask)
+    return (left << shift) | right
+
+  n = n.astype(jnp.uint32)
+  start = feistel(index.astype(jnp.uint32))
+  walked = jax.lax.while_loop(lambda y: jnp.any(y >= n),
+                              lambda y: jnp.where(y >= n, feistel(y), y), start)
+  return walked.astype(jnp.int32)
 
 
 def pad_clients(batch: ClientBatch, multiple: int) -> ClientBatch:

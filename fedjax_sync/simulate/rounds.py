@@ -110,7 +110,6 @@ class Simulator:
     if positive.size == 0:
       raise ValueError('the dataset has no client with examples')
     self._max_count = int(positive.max())
-    self._min_count = int(positive.min())
     self.num_local_steps = config.local_work.num_steps(self._max_count)
     self._run_key = jax.random.key(config.seed)
     self._evaluate = make_evaluator(model.evaluate, data, per_client=config.per_client_eval)
@@ -131,7 +130,7 @@ class Simulator:
     ids = sample_clients(sample_key, self._device_data.counts, self.config.clients_per_round,
                          proportional_to_size=self.config.proportional_sampling)
     batch = make_client_batch(batch_key, self._device_data, ids, self.config.local_work,
-                              max_count=self._max_count, min_count=self._min_count)
+                              max_count=self._max_count)
     return pad_clients(batch, self.execution.num_shards), algorithm_key
 
   def _block(self, state: ServerState, length: int) -> Callable:

@@ -329,12 +329,11 @@ class SemiAsyncSimulator:
     positive = data.counts[data.counts > 0]
     if positive.size == 0:
       raise ValueError('the dataset has no client with examples')
-    max_count, min_count = int(positive.max()), int(positive.min())
+    max_count = int(positive.max())
     work = config.local_work
 
     def batch_fn(key, ids):
-      return make_client_batch(key, device_data, ids, work, max_count=max_count,
-                               min_count=min_count)
+      return make_client_batch(key, device_data, ids, work, max_count=max_count)
 
     self._run_key = jax.random.key(config.seed)
     self._init, self._step = make_async_engine(

@@ -139,7 +139,7 @@ class Sweep:
     positive = data.counts[data.counts > 0]
     if positive.size == 0:
       raise ValueError('the dataset has no client with examples')
-    self._max_count, self._min_count = int(positive.max()), int(positive.min())
+    self._max_count = int(positive.max())
     self._evaluate = jax.jit(jax.vmap(
         make_evaluator(model.evaluate, data, per_client=config.per_client_eval)))
     self._blocks: dict[int, Callable] = {}
@@ -152,7 +152,7 @@ class Sweep:
     ids = sample_clients(sample_key, self._device_data.counts, self.config.clients_per_round,
                          proportional_to_size=self.config.proportional_sampling)
     batch = make_client_batch(batch_key, self._device_data, ids, self.config.local_work,
-                              max_count=self._max_count, min_count=self._min_count)
+                              max_count=self._max_count)
     return pad_clients(batch, self.execution.num_shards), algorithm_key
 
   def init(self) -> ServerState:

@@ -19,7 +19,6 @@ skips what remains once exceeded (reported as 'skipped'). Timings on a shared
 from __future__ import annotations
 
 import platform
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ import optax
 import fedjax_sync as fs
 from fedjax_sync import aggregators as agg
 from fedjax_sync import reporting
+from fedjax_sync.benchmarking import median_seconds
 
 HIDDEN = 1250
 EXAMPLES, BATCH = 100, 20
@@ -65,22 +65,6 @@ def _model(hidden=HIDDEN):
   return fs.models.mlp((784,), 10, hidden=(hidden,))
 
 
-def _time(fn, args, repeats):
-  """Median of `repeats` calls after one untimed call; a first call slower than
-  2 s is itself the measurement (compilation is done before, so it is steady)."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
-  if first > 2.0:
-    return first
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def local_training_seconds(clients: int, repeats: int, hidden: int) -> tuple[float, int]:
   """Median seconds of one compiled FedAvg round (local training dominated)."""
   model = _model(hidden)
@@ -96,8 +80,8 @@ def local_training_seconds(clients: int, repeats: int, hidden: int) -> tuple[flo
       weight=jnp.full((clients,), float(EXAMPLES)))
   state = algorithm.init(params)
   compiled = jax.jit(algorithm.round).lower(state, batch, jax.random.key(2)).compile()
-  seconds = _time(lambda s, b, k: compiled(s, b, k)[0].params, (state, batch, jax.random.key(2)),
-                  repeats)
+  seconds = median_seconds(lambda s, b, k: compiled(s, b, k)[0].params,
+                           (state, batch, jax.random.key(2)), repeats, slow_call_seconds=2.0)
   return seconds, fs.tree.tree_size(params)
 
 
@@ -111,7 +95,8 @@ def aggregator_seconds(aggregator, params, clients: int, repeats: int) -> float:
   ids = jnp.arange(clients, dtype=jnp.int32)
   state = aggregator.init(params, clients)
   compiled = jax.jit(aggregator.apply).lower(updates, weights, state, key, ids).compile()
-  seconds = _time(lambda *a: compiled(*a)[0], (updates, weights, state, key, ids), repeats)
+  seconds = median_seconds(lambda *a: compiled(*a)[0], (updates, weights, state, key, ids),
+                           repeats, slow_call_seconds=2.0)
   return seconds
 
 

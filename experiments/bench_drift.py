@@ -24,6 +24,7 @@ import numpy as np
 
 import fedjax_sync as fs
 from fedjax_sync import reporting
+from fedjax_sync.benchmarking import median_seconds
 from fedjax_sync.aggregators import harmonize, kuramoto, weighted_mean
 from fedjax_sync.types import ClientBatch
 
@@ -39,16 +40,6 @@ def _batch(num_clients, steps, batch_size, features, classes, seed=0):
                      mask=jnp.ones((num_clients, steps, batch_size), bool),
                      client_ids=jnp.arange(num_clients, dtype=jnp.int32),
                      weight=jnp.asarray(rng.integers(50, 150, num_clients), jnp.float32))
-
-
-def _time(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
@@ -117,8 +108,8 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
     for label, agg in (('weighted_mean', weighted_mean()), ('harmonize', harmonize()),
                        ('kuramoto', kuramoto())):
       state = agg.init(params, num_clients)
-      aggregation[label] = _time(jax.jit(agg.apply),
-                                 (updates, batch.weight, state, key, batch.client_ids), repeats)
+      aggregation[label] = median_seconds(
+          jax.jit(agg.apply), (updates, batch.weight, state, key, batch.client_ids), repeats)
     seconds[num_clients] = {'round': per, 'ratio': ratios, 'aggregation': aggregation}
     for name, t in per.items():
       ratio = ratios[name]

@@ -42,7 +42,7 @@ from fedjax_sync.simulate import Sweep, registered_algorithm, rounds_to_reach
 ALPHAS = (2.0, 0.5, 0.1)
 ONE_CLASS = 'one class'
 ROW_METRICS = ('test_accuracy', 'test_loss', 'client_accuracy_mean', 'client_accuracy_var',
-               'client_accuracy_worst_decile', 'train_loss', 'update_norm', 'client_drift',
+               'client_accuracy_worst_decile', 'train_loss', 'update_norm', 'client_drift_rms',
                'bytes_up', 'bytes_down')
 
 
@@ -139,12 +139,12 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
             np.mean([h[-1]['test_accuracy'] for h in histories]))
   _plots(run_dir, all_rows, dataset, algorithms, len(lrs) > 1)
   header = (['algorithm', 'setting', 'client lr'] + [f'acc r{r}' for r in range(1, rounds + 1)] +
-            ['test loss', 'client acc var', 'worst-decile acc', 'client drift',
+            ['test loss', 'client acc var', 'worst-decile acc', 'client drift (RMS)',
              f'rounds to {target_accuracy:g}', 'MB up/round', 'MB down/round'])
   notes = (f'{data.name.split(" (")[0]}; {num_seeds} seeds (mean ± std, population std), '
            f'{epochs} local epochs of batch {batch_size}, client SGD, all clients '
            'every round. Client accuracy is measured on each client\'s own training data. '
-           'Client drift: weighted mean ‖Δ_k − Δ̄‖ in the last round. Rounds to target: '
+           'Client drift: weighted RMS of ‖Δ_k − Δ̄‖ in the last round. Rounds to target: '
            'mean over seeds that reached it (k/n reached).')
   reporting.write_summary(run_dir, f'Heterogeneity study on {dataset}', header, table, notes)
   return {'dataset': dataset, 'final_test_accuracy': headline,
@@ -182,7 +182,7 @@ def _table_row(name, label, lr, histories, rounds, target):
           [reporting.mean_std([x['test_loss'] for x in last]),
            reporting.mean_std([x['client_accuracy_var'] for x in last]),
            reporting.mean_std([x['client_accuracy_worst_decile'] for x in last]),
-           reporting.mean_std([x['client_drift'] for x in last]), reach,
+           reporting.mean_std([x['client_drift_rms'] for x in last]), reach,
            f"{np.mean([x['bytes_up'] for x in last]) / 1e6:.3f}",
            f"{np.mean([x['bytes_down'] for x in last]) / 1e6:.3f}"])
 

@@ -148,7 +148,7 @@ def _run_sweep(sweep: Sweep, rounds: int):
   """Runs every simulation round by round; yields `(setting, {metric: [rounds]})`."""
   states = sweep.init()
   metrics = {k: [] for k in ('test_accuracy', 'test_loss', 'client_loss_var', 'train_loss',
-                             'client_drift')}
+                             'client_drift_rms')}
   extra = {}
   for r in range(rounds):
     states, stacked = sweep.run_rounds(states, r, 1)
@@ -157,7 +157,7 @@ def _run_sweep(sweep: Sweep, rounds: int):
     client_loss = np.asarray(stacked['client_loss'][:, 0])  # [S, C]
     metrics['client_loss_var'].append(client_loss.var(axis=1))
     metrics['train_loss'].append(stacked['train_loss'][:, 0])
-    metrics['client_drift'].append(stacked['client_drift'][:, 0])
+    metrics['client_drift_rms'].append(stacked['client_drift_rms'][:, 0])
     metrics['test_accuracy'].append(evaluation['test_accuracy'])
     metrics['test_loss'].append(evaluation['test_loss'])
     for k in ('fallbacks', 'rho_min', 'rho_max'):

@@ -46,7 +46,7 @@ SEED_MNIST = {
     'fedsagm': (83.35, 74.95, 60.94),
 }
 SHARPNESS_RHO = 0.05
-ROW_METRICS = ('test_accuracy', 'test_loss', 'train_loss', 'client_drift',
+ROW_METRICS = ('test_accuracy', 'test_loss', 'train_loss', 'client_drift_rms',
                'client_accuracy_var', 'aggregator/conflicts_before',
                'aggregator/conflicts_after', 'aggregator/num_pairs')
 
@@ -148,10 +148,10 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
                         reporting.mean_std([100 * a for a in acc]), seed_text,
                         reporting.mean_std([r['test_loss'] for r in finals]),
                         reporting.mean_std([r['sharpness'] for r in finals]),
-                        reporting.mean_std([r['client_drift'] for r in finals]), conflicts])
+                        reporting.mean_std([r['client_drift_rms'] for r in finals]), conflicts])
   _plots(run_dir, all_rows, datasets, alphas, lrs)
   header = ['dataset', 'α', 'client lr', 'algorithm', f'test acc % after {rounds} rounds',
-            'seed MNIST %', 'test loss', f'sharpness (ρ={SHARPNESS_RHO:g})', 'client drift',
+            'seed MNIST %', 'test loss', f'sharpness (ρ={SHARPNESS_RHO:g})', 'client drift (RMS)',
             'FedGH conflicts before → after']
   notes = (f'{num_seeds} seeds (mean ± population std); 5 clients, Dirichlet per-class label '
            f'skew (partition seed 0), {epochs} local epochs of batch {batch_size}, client SGD, '

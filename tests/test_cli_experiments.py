@@ -97,7 +97,7 @@ def test_heterogeneity_study_end_to_end(tmp_path):
   assert len(rows) == 16
   assert {r['setting'] for r in rows} == {'α=0.1', 'one class'}
   for key in ('test_accuracy', 'client_accuracy_var', 'client_accuracy_worst_decile',
-              'client_drift', 'update_norm', 'bytes_up', 'bytes_down'):
+              'client_drift_rms', 'update_norm', 'bytes_up', 'bytes_down'):
     assert all(key in r for r in rows)
   summary = open(os.path.join(run_dir, 'summary.md')).read()
   assert '| fedavg | one class | 0.1 |' in summary and ' ± ' in summary

@@ -45,7 +45,7 @@ def test_sweep_equals_sequential_simulations(setup, algorithm, swept):
                                 single.state.params, rtol=1e-5, atol=1e-6)
     assert len(result.histories[s]) == len(single.history) == 2
     for mine, theirs in zip(result.histories[s], single.history):
-      for key in ('train_loss', 'update_norm', 'client_drift', 'test_accuracy', 'test_loss'):
+      for key in ('train_loss', 'update_norm', 'client_drift_rms', 'test_accuracy', 'test_loss'):
         if key in theirs:
           np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, atol=1e-6)
   # Different seeds and learning rates really give different simulations.

@@ -77,6 +77,10 @@ def replicate(tree, mesh: Mesh | None):
       lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())), tree)
 
 
+def _resolve(strategy: str) -> str:
+  return AUTO_STRATEGY.get(jax.default_backend(), 'vmap') if strategy == 'auto' else strategy
+
+
 def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution()):
   """Applies `fn` to every client's slice of `args` (a tuple whose leaves are `[C, ...]`).
 
@@ -92,9 +96,7 @@ def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution
     raise ValueError(f'{num_clients} clients do not split over {shards} devices; '
                      'pad with zero-weight clients first')
 
-  strategy = execution.strategy
-  if strategy == 'auto':
-    strategy = AUTO_STRATEGY.get(jax.default_backend(), 'vmap')
+  strategy = _resolve(execution.strategy)
 
   def per_shard(shard_args):
     if strategy == 'vmap':
@@ -118,19 +120,21 @@ def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution
 
 
 def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution):
-  """Runs clients in chunks and reduces their updates as they are produced.
+  """Runs the clients and reduces their updates as they are produced.
 
-  Memory-bounded rounds: only `execution.chunk_size` clients' updates (per device)
-  exist at any time, never all `[C, d]`. Valid for aggregators that are a linear
-  weighted sum of the updates (FedAvg's `weighted_mean`); robust, clipping or
-  compressing aggregators need every update at once and use `map_clients`.
+  Memory-bounded rounds: with 'sequential' one client's update exists at a time,
+  with 'chunked' `execution.chunk_size` clients' (per device), never all `[C, d]`
+  ('vmap' and 'loop' produce every update first, then sum them). Valid for
+  aggregators that are a linear weighted sum of the updates (FedAvg's
+  `weighted_mean`); robust, clipping or compressing aggregators need every update
+  at once and use `map_clients`.
 
   Args:
     fn: `fn(*slices) -> (update, per_client)` for one client; `update` is
       params-shaped, `per_client` a pytree of small per-client values (metrics).
     args: tuple whose leaves are `[C, ...]`.
     weights: `[C]` weights of the sum.
-    execution: a 'chunked' execution (its chunk_size and optional mesh).
+    execution: any strategy, with its chunk size and optional mesh.
 
   Returns:
     `(Σ_c weights[c] · update_c, per_client [C, ...], ‖update_c‖² [C])`. C need not
@@ -140,15 +144,41 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution):
   import jax.numpy as jnp
 
   execution.validate()
-  if execution.strategy != 'chunked':
-    raise ValueError(f"map_reduce_clients needs strategy 'chunked', got {execution.strategy!r}")
+  strategy = _resolve(execution.strategy)
   num_clients = weights.shape[0]
   shards = execution.num_shards
   if num_clients % shards:
     raise ValueError(f'{num_clients} clients do not split over {shards} devices; '
                      'pad with zero-weight clients first')
 
-  def per_shard(shard_args, shard_weights):
+  def weighted_sum(w, u):
+    return jnp.tensordot(w.astype(u.dtype), u, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+  def sq_norms(update):
+    return sum(jnp.sum(jnp.square(u.reshape(u.shape[0], -1)), axis=1)
+               for u in jax.tree.leaves(update))
+
+  def all_at_once(shard_args, shard_weights):
+    update, per_client = map_clients(fn, shard_args, execution._replace(mesh=None))
+    total = jax.tree.map(lambda u: weighted_sum(shard_weights, u), update)
+    return total, per_client, sq_norms(update)
+
+  def one_at_a_time(shard_args, shard_weights):
+    first = jax.tree.map(lambda x: x[0], shard_args)
+    update_shape = jax.eval_shape(lambda a: fn(*a)[0], first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_shape)
+
+    def body(total, xs):
+      client_args, w = xs
+      update, per_client = fn(*client_args)
+      total = jax.tree.map(lambda t, u: t + w.astype(u.dtype) * u, total, update)
+      sq = sum(jnp.sum(jnp.square(u)) for u in jax.tree.leaves(update))
+      return total, (per_client, sq)
+
+    total, (per_client, sq) = jax.lax.scan(body, zeros, (shard_args, shard_weights))
+    return total, per_client, sq
+
+  def in_chunks(shard_args, shard_weights):
     n = shard_weights.shape[0]
     chunk = min(execution.chunk_size, n)
     pad = (-n) % chunk
@@ -166,17 +196,14 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution):
     def body(total, xs):
       chunk_args, chunk_weights = xs
       update, per_client = jax.vmap(fn)(*chunk_args)
-      total = jax.tree.map(
-          lambda t, u: t + jnp.tensordot(chunk_weights.astype(u.dtype), u, axes=1,
-                                         precision=jax.lax.Precision.HIGHEST), total, update)
-      sq = sum(jnp.sum(jnp.square(u.reshape(u.shape[0], -1)), axis=1)
-               for u in jax.tree.leaves(update))
-      return total, (per_client, sq)
+      total = jax.tree.map(lambda t, u: t + weighted_sum(chunk_weights, u), total, update)
+      return total, (per_client, sq_norms(update))
 
     total, (per_client, sq) = jax.lax.scan(body, zeros, chunked)
     unchunk = lambda x: x.reshape((num_chunks * chunk,) + x.shape[2:])[:n]
     return total, jax.tree.map(unchunk, per_client), unchunk(sq)
 
+  per_shard = {'chunked': in_chunks, 'sequential': one_at_a_time}.get(strategy, all_at_once)
   if shards == 1:
     return per_shard(args, weights)
   split = jax.tree.map(lambda x: x.reshape((shards, num_clients // shards) + x.shape[1:]),

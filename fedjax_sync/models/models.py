@@ -15,6 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
+
+from fedjax_sync.models.conv import loop_friendly_conv
 
 
 class Model(NamedTuple):
@@ -73,16 +76,23 @@ class _MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+def conv_function(fast_cpu_conv: bool):
+  """The convolution the models use: `loop_friendly_conv` or plain `lax`."""
+  return loop_friendly_conv if fast_cpu_conv else lax.conv_general_dilated
+
+
 class _EmnistCNN(nn.Module):
   """The CNN of FedJAX's EMNIST benchmark (Reddi et al. 2021's `cnn` variant)."""
 
   num_classes: int
   dropout: bool
+  fast_cpu_conv: bool = True
 
   @nn.compact
   def __call__(self, x, train=False):
-    x = nn.relu(nn.Conv(32, (3, 3), padding='VALID')(x))
-    x = nn.relu(nn.Conv(64, (3, 3), padding='VALID')(x))
+    conv = conv_function(self.fast_cpu_conv)
+    x = nn.relu(nn.Conv(32, (3, 3), padding='VALID', conv_general_dilated=conv)(x))
+    x = nn.relu(nn.Conv(64, (3, 3), padding='VALID', conv_general_dilated=conv)(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
     if self.dropout:
       x = nn.Dropout(0.25, deterministic=not train)(x)
@@ -104,9 +114,14 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (2
 
 
 def emnist_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 62, *,
-               dropout: bool = True) -> Model:
-  """FedJAX's EMNIST CNN: conv32-conv64-maxpool-dropout-dense128-dropout-dense."""
-  return _classifier(_EmnistCNN(num_classes, dropout), input_shape, 'emnist_cnn')
+               dropout: bool = True, fast_cpu_conv: bool = True) -> Model:
+  """FedJAX's EMNIST CNN: conv32-conv64-maxpool-dropout-dense128-dropout-dense.
+
+  `fast_cpu_conv` uses `loop_friendly_conv` (fast gradients inside XLA:CPU loops,
+  reverse-mode autodiff only); False uses `lax.conv_general_dilated`.
+  """
+  return _classifier(_EmnistCNN(num_classes, dropout, fast_cpu_conv), input_shape,
+                     'emnist_cnn')
 
 
 MODELS = {

@@ -19,15 +19,16 @@ For each workload it times, in one process:
   of C·B examples (one compiled scan).
 
 Reported: the median of `repeats` steady-state rounds after `warmup` rounds, compile
-time separately, and the ratio to the limit. Timings on a shared CPU are noisy; the
-ratios are measured in one run.
+time separately, and the ratio to the limit. All variants of a workload are compiled
+first, then timed in turns (`interleaved_medians`), so the ratios come from one run
+under the same load. Variants tracing more than `MAX_TRACED_STEPS` local steps
+('loop' with unrolled steps at C = 100) are listed as not run.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -39,6 +40,7 @@ import optax
 
 import fedjax_sync as fs
 from fedjax_sync import reporting
+from fedjax_sync.benchmarking import interleaved_medians
 from fedjax_sync.clients.local import make_local_step
 
 BATCH = 20
@@ -83,33 +85,22 @@ def _synthetic_batch(clients) -> fs.ClientBatch:
   return batch
 
 
-def _median_time(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times, cpu = [], []
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  return statistics.median(times), statistics.median(cpu)
-
-
-def _time_round(algorithm, params, batch, key, warmup, repeats):
+def _round_call(algorithm, params, batch, key):
+  """One compiled FedAvg round on a donated state; returns `(call, compile seconds)`."""
   state = jax.tree.map(jnp.copy, algorithm.init(params))   # donated below
   t0 = time.perf_counter()
   compiled = jax.jit(algorithm.round, donate_argnums=0).lower(state, batch, key).compile()
   compile_s = time.perf_counter() - t0
   holder = [state]
 
-  def one():
-    holder[0], metrics = compiled(holder[0], batch, key)
+  def call():
+    holder[0], _ = compiled(holder[0], batch, key)
     return holder[0].params
 
-  return _median_time(one, warmup, repeats), compile_s
+  return call, compile_s
 
 
-def _time_python_loop(model, params, batch, key, warmup, repeats):
+def _python_loop_call(model, params, batch, key):
   """The baseline a user would write: Python loops, a jitted step per client step."""
   optimizer = optax.sgd(CLIENT_LR)
   step = jax.jit(make_local_step(model.loss, optimizer))
@@ -127,7 +118,7 @@ def _time_python_loop(model, params, batch, key, warmup, repeats):
 
   holder = [params]
 
-  def one():
+  def call():
     global_params = holder[0]
     total = jax.tree.map(jnp.zeros_like, global_params)
     for c, (data, mask) in enumerate(clients):
@@ -141,12 +132,11 @@ def _time_python_loop(model, params, batch, key, warmup, repeats):
     return holder[0]
 
   t0 = time.perf_counter()
-  jax.block_until_ready(one())   # first call compiles the step
-  compile_s = time.perf_counter() - t0
-  return _median_time(one, max(warmup - 1, 0), repeats), compile_s
+  jax.block_until_ready(call())   # the first call compiles the step
+  return call, time.perf_counter() - t0
 
 
-def _time_limit(model, params, batch, key, warmup, repeats):
+def _limit_call(model, params, batch, key):
   """The same examples as one centralized model: S steps of C·B examples each."""
   optimizer = optax.sgd(CLIENT_LR)
   step = make_local_step(model.loss, optimizer)
@@ -160,8 +150,6 @@ def _time_limit(model, params, batch, key, warmup, repeats):
       d, m, s = xs
       p, o, _ = step(p, o, d, m, jax.random.fold_in(key, s))
       return (p, o), None
-    # Fully unrolled: the fastest form on CPU (XLA:CPU convolutions inside a while
-    # loop are many times slower).
     (p, _), _ = jax.lax.scan(body, (p, optimizer.init(p)), (data, mask, jnp.arange(num_steps)),
                              unroll=True)
     return p
@@ -171,55 +159,64 @@ def _time_limit(model, params, batch, key, warmup, repeats):
   compile_s = time.perf_counter() - t0
   holder = [params]
 
-  def one():
+  def call():
     holder[0] = compiled(holder[0], data, mask, key)
     return holder[0]
 
-  return _median_time(one, warmup, repeats), compile_s
+  return call, compile_s
 
 
 def _executions(num_clients: int) -> list[tuple[str, fs.ClientExecution]]:
   chunk = max(1, num_clients // 10)
-  out = [('vmap', fs.ClientExecution('vmap')),
-         (f'chunked({chunk})', fs.ClientExecution('chunked', chunk)),
-         ('sequential', fs.ClientExecution('sequential'))]
-  if 'loop' in fs.clients.STRATEGIES:
-    out.append(('loop', fs.ClientExecution('loop')))
-  return out
+  return [('vmap', fs.ClientExecution('vmap')),
+          (f'chunked({chunk})', fs.ClientExecution('chunked', chunk)),
+          ('sequential', fs.ClientExecution('sequential')),
+          ('loop', fs.ClientExecution('loop'))]
+
+
+# A variant whose trace holds more copies of the local step than this is not run:
+# 'loop' with unrolled steps traces C·S copies (MLP, C = 100: 85 s to compile).
+MAX_TRACED_STEPS = 100
 
 
 def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5,
-                       strategies: list[str] | None = None,
-                       unrolls=(1, True), baseline: bool = True) -> list[dict[str, Any]]:
-  """Times one workload; returns one row per variant with seconds and ratio to the limit."""
+                       strategies: list[str] | None = None, unrolls=(1, True),
+                       baseline: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+  """Times one workload, every variant interleaved with the others.
+
+  Returns one row per variant (seconds, CPU seconds, compile seconds, ratios to the
+  limit) and the variants not run, with the reason.
+  """
   model_name, shape, classes, clients = WORKLOADS[name]
   model = _model(model_name, shape, classes)
   key = jax.random.key(0)
   params = model.init(key)
   batch = (_synthetic_batch(clients) if name == 'logreg_synthetic'
            else _random_batch(jax.random.key(1), clients, shape, classes))
-  rows = []
-  (limit_s, limit_cpu), limit_compile = _time_limit(model, params, batch, key, warmup, repeats)
-  rows.append({'workload': name, 'variant': 'limit', 'seconds': limit_s, 'cpu_seconds': limit_cpu,
-               'compile_seconds': limit_compile})
+  num_steps = batch.mask.shape[1]
+  calls, compile_s, skipped = {}, {}, []
+  calls['limit'], compile_s['limit'] = _limit_call(model, params, batch, key)
   for label, execution in _executions(clients):
     if strategies is not None and execution.strategy not in strategies:
       continue
     for unroll in unrolls:
+      variant = f'{label}, unroll={unroll}'
+      copies = (clients if execution.strategy == 'loop' else 1) * (num_steps if unroll is True else 1)
+      if copies > MAX_TRACED_STEPS:
+        skipped.append(f'{name} {variant}: {copies} traced local steps (> {MAX_TRACED_STEPS})')
+        continue
       algorithm = fs.fed_avg(model.loss, optax.sgd(CLIENT_LR), execution=execution, unroll=unroll)
-      (seconds, cpu), compile_s = _time_round(algorithm, params, batch, key, warmup, repeats)
-      rows.append({'workload': name, 'variant': f'{label}, unroll={unroll}',
-                   'seconds': seconds, 'cpu_seconds': cpu, 'compile_seconds': compile_s})
+      calls[variant], compile_s[variant] = _round_call(algorithm, params, batch, key)
   if baseline:
-    (seconds, cpu), compile_s = _time_python_loop(model, params, batch, key, min(warmup, 1),
-                                                  max(2, repeats // 2))
-    rows.append({'workload': name, 'variant': 'python_loop', 'seconds': seconds,
-                 'cpu_seconds': cpu, 'compile_seconds': compile_s})
-  for row in rows:
-    row['ratio_to_limit'] = row['seconds'] / limit_s
-    row['cpu_ratio_to_limit'] = row['cpu_seconds'] / limit_cpu
-    row['fedjax_anchor_seconds'] = ANCHORS.get(name)
-  return rows
+    calls['python_loop'], compile_s['python_loop'] = _python_loop_call(model, params, batch, key)
+  timings = interleaved_medians(calls, warmup=warmup, repeats=repeats)
+  limit = timings['limit']
+  return [{'workload': name, 'variant': variant, 'seconds': t.seconds,
+           'cpu_seconds': t.cpu_seconds, 'compile_seconds': compile_s[variant],
+           'ratio_to_limit': t.seconds / limit.seconds,
+           'cpu_ratio_to_limit': t.cpu_seconds / limit.cpu_seconds,
+           'fedjax_anchor_seconds': ANCHORS.get(name)}
+          for variant, t in timings.items()], skipped
 
 
 def machine() -> str:
@@ -241,18 +238,19 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
   for w in workloads:
     if w not in WORKLOADS:
       raise ValueError(f'unknown workload {w!r}; valid: {", ".join(WORKLOADS)}')
-  warmup, repeats = (1, 3) if quick else (2, 5)
+  warmup, repeats = (1, 3) if quick else (2, 9)
   reporting.write_config(run_dir, {'study': 'benchmark', 'quick': quick, 'workloads': workloads,
                                    'batch_size': BATCH, 'examples_per_client': EXAMPLES,
                                    'warmup': warmup, 'repeats': repeats, 'machine': machine()})
-  rows = []
+  rows, skipped = [], []
   for w in workloads:
     slow = w.startswith('cnn')
     kwargs = dict(warmup=1 if slow else warmup, repeats=3 if slow else repeats)
     if quick:
       kwargs.update(strategies=['vmap', 'sequential'], unrolls=(1,), warmup=1, repeats=2,
                     baseline=w == 'logreg_synthetic')
-    new = benchmark_workload(w, **kwargs)
+    new, not_run = benchmark_workload(w, **kwargs)
+    skipped += not_run
     reporting.append_metrics(run_dir, new)
     for r in new:
       print(f"{r['workload']:18s} {r['variant']:28s} {r['seconds']:9.4f} s "
@@ -268,13 +266,13 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
       ['workload', 'variant', 's/round', '× limit', 'CPU s/round', 'CPU × limit', 'compile s',
        'FedJAX s/round'], table,
       notes=f'Machine: {machine()}. Synthetic random inputs of the right shapes (timing only). '
-            'Wall-clock and process CPU time (all threads) of the median steady round; on a '
-            'shared machine the CPU-time ratios are the more stable ones.')
+            'Wall-clock and process CPU time (all threads) of the median steady round, the '
+            'variants of a workload timed in turns (interleaved). '
+            + (f'Not run: {"; ".join(skipped)}.' if skipped else ''))
   best = {}
   for r in rows:
     if r['variant'] not in ('limit', 'python_loop'):
-      # CPU time picks the best: stable on a shared machine.
-      if r['workload'] not in best or r['cpu_seconds'] < best[r['workload']]['cpu_seconds']:
+      if r['workload'] not in best or r['seconds'] < best[r['workload']]['seconds']:
         best[r['workload']] = r
   series = {}
   for w in workloads:

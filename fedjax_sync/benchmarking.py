@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 
@@ -28,3 +28,34 @@ def median_seconds(fn: Callable, args: Sequence, repeats: int, *,
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+class Timing(NamedTuple):
+  """Median wall-clock and process CPU seconds (all threads) of one call."""
+
+  seconds: float
+  cpu_seconds: float
+
+
+def interleaved_medians(calls: Mapping[str, Callable[[], Any]], *, warmup: int,
+                        repeats: int) -> dict[str, Timing]:
+  """Times several variants of the same work, interleaved round-robin.
+
+  Each call is run `warmup` times untimed, then the variants take turns for
+  `repeats` timed calls each (A B C A B C ...), so slow drift of a shared
+  machine's load falls on all variants alike and their ratios stay comparable.
+  Each result is blocked on (`jax.block_until_ready`) before the clock stops.
+  """
+  for call in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(call())
+  wall: dict[str, list[float]] = {name: [] for name in calls}
+  cpu: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start, cpu_start = time.perf_counter(), time.process_time()
+      jax.block_until_ready(call())
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - cpu_start)
+  return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name]))
+          for name in calls}

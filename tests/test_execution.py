@@ -127,11 +127,16 @@ def test_streamed_round_compiles_once():
   assert len(traces) == 1
 
 
-def test_auto_strategy_resolves_per_backend_and_agrees():
-  from fedjax_sync.clients.execution import AUTO_STRATEGY
-  assert AUTO_STRATEGY['cpu'] == 'sequential'
+def test_auto_strategy_resolves_by_size_on_cpu_and_agrees():
+  from fedjax_sync.clients.execution import CPU_VMAP_MAX_BYTES, resolve_strategy
+  update = lambda x: x * 2.0
+  small = jnp.zeros((10, CPU_VMAP_MAX_BYTES // 40))   # 10 clients' outputs: exactly the limit
+  big = jnp.zeros((11, CPU_VMAP_MAX_BYTES // 40))
+  assert resolve_strategy('auto', update, (small,)) == 'vmap'
+  assert resolve_strategy('auto', update, (big,)) == 'sequential'
+  assert resolve_strategy('chunked', update, (big,)) == 'chunked'
   batch = _batch([5, 12, 9])
-  reference, _ = _round(ClientExecution('vmap'), batch)
+  reference, _ = _materialized_round(batch)
   state, _ = _round(ClientExecution('auto'), batch)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
                state.params, reference.params)

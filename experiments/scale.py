@@ -9,8 +9,9 @@ its peak resident memory, `ru_maxrss`, is its own):
 * `c10k_logreg`, `c10k_mlp`: one round with C = 10,000 clients (20 examples each, one
   step of batch 20) with `ClientExecution('chunked', 100)`: updates are reduced chunk
   by chunk (`map_reduce_clients`), so at most 100 clients' updates exist at once.
-  `c1k_mlp_vmap` / `c1k_mlp_chunked` compare peak memory with all `[C, d]`
-  updates materialized (vmap) at C = 1,000. Inputs are random (timing and memory
+  `*_sequential` run one client at a time, also reduced as produced.
+  `c1k_mlp_vmap` / `c1k_mlp_chunked` / `c1k_mlp_sequential` compare peak memory
+  with all `[C, d]` updates materialized (vmap) at C = 1,000. Inputs are random (timing and memory
   only); MLP inputs are uint8 images (784 bytes per example).
 * `n1m`: a population of N = 1,000,000 Synthetic(1, 1)-style clients (4 examples
   each: the paper's clients have ≥ 50, which would need ~100 GB here) held in the
@@ -27,8 +28,8 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ('scan_1000', 'sweep', 'c10k_logreg', 'c10k_mlp', 'c1k_mlp_vmap', 'c1k_mlp_chunked',
-           'n1m')
+CONFIGS = ('scan_1000', 'sweep', 'c10k_logreg', 'c10k_mlp', 'c10k_mlp_sequential',
+           'c1k_mlp_vmap', 'c1k_mlp_chunked', 'c1k_mlp_sequential', 'n1m')
 QUICK_CONFIGS = ('scan_1000', 'c10k_logreg')
 
 
@@ -240,8 +241,12 @@ def measure(name: str, quick: bool = False) -> dict:
     out = _many_clients('mlp', 10_000, 'chunked', 100)
   elif name == 'c1k_mlp_vmap':
     out = _many_clients('mlp', 1000, 'vmap', None)
+  elif name == 'c10k_mlp_sequential':
+    out = _many_clients('mlp', 10_000, 'sequential', None)
   elif name == 'c1k_mlp_chunked':
     out = _many_clients('mlp', 1000, 'chunked', 100)
+  elif name == 'c1k_mlp_sequential':
+    out = _many_clients('mlp', 1000, 'sequential', None)
   elif name == 'n1m':
     out = _million(quick)
   else:

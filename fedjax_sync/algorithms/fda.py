@@ -208,7 +208,8 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
     inputs = shard_client_axis((state.params, state.opt_state, batch, mask, keys),
                                execution.mesh)
     params, opt_state, step_metrics = map_clients(
-        lambda p, o, b, m, k: local_step(p, o, b, m, k), inputs, execution)
+        lambda p, o, b, m, k: local_step(p, o, b, m, k), inputs, execution,
+        client_bytes=communication.model_bytes((state.params, state.opt_state)) // num_workers)
     drifts = jax.tree.map(lambda w, a: w - a[None], params, state.anchor)
     metrics = {}
     if dynamic and simulation_shortcut and estimator.estimate_from_drifts is not None:

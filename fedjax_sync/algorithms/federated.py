@@ -106,7 +106,8 @@ def federated_algorithm(client_update: ClientUpdate, *,
     inputs = shard_client_axis((client_states, batch.data, batch.mask, keys), execution.mesh)
     if streaming:
       return _streamed_round(state, batch, inputs, one_client)
-    outputs: ClientOutput = map_clients(one_client, inputs, execution)
+    outputs: ClientOutput = map_clients(one_client, inputs, execution,
+                                        client_bytes=communication.model_bytes(state.params))
 
     aggregate, aggregator_state = aggregator.apply(
         outputs.update, batch.weight, state.aggregator_state, aggregator_key, batch.client_ids)
@@ -143,7 +144,8 @@ def federated_algorithm(client_update: ClientUpdate, *,
       out = one_client(*a)
       return out.update, out.metrics
 
-    aggregate, client_metrics, sq_norms = map_reduce_clients(one, inputs, normalized, execution)
+    aggregate, client_metrics, sq_norms = map_reduce_clients(
+        one, inputs, normalized, execution, client_bytes=communication.model_bytes(state.params))
     server_updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, server_updates)
     metrics = streamed_round_metrics(client_metrics, sq_norms, batch, aggregate, state.params)

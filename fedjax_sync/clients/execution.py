@@ -82,10 +82,12 @@ def replicate(tree, mesh: Mesh | None):
       lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())), tree)
 
 
-def resolve_strategy(strategy: str, fn: Callable, args) -> str:
+def resolve_strategy(strategy: str, fn: Callable, args, client_bytes: int | None = None) -> str:
   """The strategy 'auto' stands for when `fn` runs on the clients of `args` (`[C, ...]`).
 
-  Any other strategy is returned unchanged. Resolved at trace time, from shapes only.
+  Any other strategy is returned unchanged. Resolved at trace time, from shapes
+  only: `client_bytes` is the size of one client's output (e.g. one model); when
+  not given it is found by tracing `fn` once more (`jax.eval_shape`).
   """
   if strategy != 'auto':
     return strategy
@@ -93,18 +95,21 @@ def resolve_strategy(strategy: str, fn: Callable, args) -> str:
   if backend != 'cpu':
     return AUTO_STRATEGY.get(backend, 'vmap')
   num_clients = jax.tree.leaves(args)[0].shape[0]
-  one = jax.eval_shape(fn, *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                                         args))
-  per_client = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one))
-  return 'vmap' if num_clients * per_client <= CPU_VMAP_MAX_BYTES else 'sequential'
+  if client_bytes is None:
+    one = jax.eval_shape(fn, *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                           args))
+    client_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one))
+  return 'vmap' if num_clients * client_bytes <= CPU_VMAP_MAX_BYTES else 'sequential'
 
 
-def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution()):
+def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution(), *,
+                client_bytes: int | None = None):
   """Applies `fn` to every client's slice of `args` (a tuple whose leaves are `[C, ...]`).
 
   `fn(*slices)` takes one client's slices and returns a pytree; the result has a
   leading `[C]` axis. C must be a multiple of the mesh's device count (pad with
-  zero-weight clients: `fedjax_sync.data.pad_clients`).
+  zero-weight clients: `fedjax_sync.data.pad_clients`). `client_bytes` (one
+  client's output size) lets 'auto' choose without tracing `fn` twice.
   """
   execution.validate()
   leaves = jax.tree.leaves(args)
@@ -115,7 +120,7 @@ def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution
                      'pad with zero-weight clients first')
 
   def per_shard(shard_args):
-    strategy = resolve_strategy(execution.strategy, fn, shard_args)
+    strategy = resolve_strategy(execution.strategy, fn, shard_args, client_bytes)
     if strategy == 'vmap':
       return jax.vmap(fn)(*shard_args)
     if strategy == 'loop':
@@ -136,7 +141,8 @@ def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution
   return jax.tree.map(lambda x: x.reshape((num_clients,) + x.shape[2:]), out)
 
 
-def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution):
+def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, *,
+                       client_bytes: int | None = None):
   """Runs the clients and reduces their updates as they are produced.
 
   Memory-bounded rounds: with 'sequential' one client's update exists at a time,
@@ -152,6 +158,7 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution):
     args: tuple whose leaves are `[C, ...]`.
     weights: `[C]` weights of the sum.
     execution: any strategy, with its chunk size and optional mesh.
+    client_bytes: one client's output size, for 'auto' (see `map_clients`).
 
   Returns:
     `(Σ_c weights[c] · update_c, per_client [C, ...], ‖update_c‖² [C])`. C need not
@@ -176,7 +183,8 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution):
 
   def all_at_once(shard_args, shard_weights, strategy):
     update, per_client = map_clients(fn, shard_args,
-                                     execution._replace(strategy=strategy, mesh=None))
+                                     execution._replace(strategy=strategy, mesh=None),
+                                     client_bytes=client_bytes)
     total = jax.tree.map(lambda u: weighted_sum(shard_weights, u), update)
     return total, per_client, sq_norms(update)
 
@@ -221,7 +229,7 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution):
     return total, jax.tree.map(unchunk, per_client), unchunk(sq)
 
   def per_shard(shard_args, shard_weights):
-    strategy = resolve_strategy(execution.strategy, fn, shard_args)
+    strategy = resolve_strategy(execution.strategy, fn, shard_args, client_bytes)
     if strategy == 'chunked':
       return in_chunks(shard_args, shard_weights)
     if strategy == 'sequential':

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_sync import communication
 from fedjax_sync.clients.execution import ClientExecution, map_clients, replicate, shard_client_axis
 from fedjax_sync.data.batching import LocalWork, make_client_batch, to_device
 from fedjax_sync.data.federated import FederatedData
@@ -202,7 +203,8 @@ def make_async_engine(algorithm: AsyncAlgorithm, clock: ClientClock, batch_fn: B
     inputs = algorithm.client_inputs(state.server, ids, start_versions, state.history)
     sharded = shard_client_axis((start_params, inputs, batch.data, batch.mask, keys),
                                 execution.mesh)
-    outputs = map_clients(algorithm.client_update, sharded, execution)
+    outputs = map_clients(algorithm.client_update, sharded, execution,
+                          client_bytes=communication.model_bytes(state.server.params))
     info = AsyncRound(client_ids=ids, weight=weight, staleness=staleness,
                       start_versions=start_versions, start_params=start_params, key=server_key)
     server, metrics = algorithm.server_update(state.server, outputs, info)

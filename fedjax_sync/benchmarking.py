@@ -38,13 +38,17 @@ class Timing(NamedTuple):
 
 
 def interleaved_medians(calls: Mapping[str, Callable[[], Any]], *, warmup: int,
-                        repeats: int) -> dict[str, Timing]:
+                        repeats: int, settle: int = 0) -> dict[str, Timing]:
   """Times several variants of the same work, interleaved round-robin.
 
   Each call is run `warmup` times untimed, then the variants take turns for
   `repeats` timed calls each (A B C A B C ...), so slow drift of a shared
   machine's load falls on all variants alike and their ratios stay comparable.
-  Each result is blocked on (`jax.block_until_ready`) before the clock stops.
+  With `settle`, each timed call follows that many untimed calls of the same
+  variant: a millisecond-scale call timed right after another variant (say, a
+  Python loop of dispatches) would measure that variant's cache and thread-pool
+  aftermath. Each result is blocked on (`jax.block_until_ready`) before the clock
+  stops.
   """
   for call in calls.values():
     for _ in range(warmup):
@@ -53,6 +57,8 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], *, warmup: int,
   cpu: dict[str, list[float]] = {name: [] for name in calls}
   for _ in range(repeats):
     for name, call in calls.items():
+      for _ in range(settle):
+        jax.block_until_ready(call())
       start, cpu_start = time.perf_counter(), time.process_time()
       jax.block_until_ready(call())
       wall[name].append(time.perf_counter() - start)

@@ -44,3 +44,11 @@ def test_benchmark_workload_rows_and_skips(monkeypatch):
   for r in rows:
     assert r['seconds'] > 0 and r['compile_seconds'] > 0
     assert abs(r['ratio_to_limit'] - r['seconds'] / limit['seconds']) < 1e-12
+
+
+def test_interleaved_medians_settle_before_each_timed_call():
+  from fedjax_sync.benchmarking import interleaved_medians
+  order = []
+  calls = {name: (lambda name=name: order.append(name) or jnp.ones(2)) for name in 'ab'}
+  interleaved_medians(calls, warmup=0, repeats=2, settle=1)
+  assert order == ['a', 'a', 'b', 'b'] * 2

@@ -228,3 +228,19 @@ def test_proportional_sampling_prefers_large_clients():
   hits = sum(int(3 in np.asarray(sample_clients(jax.random.key(r), counts, 1,
                                                 proportional_to_size=True))) for r in range(50))
   assert hits >= 45
+
+
+def test_block_schedule_ends_blocks_at_evaluations_checkpoints_and_the_end():
+  from fedjax_sync.simulate.rounds import block_schedule
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    total = int(rng.integers(1, 40))
+    start = int(rng.integers(0, total + 1))
+    eval_every = int(rng.integers(1, 9))
+    block_every = int(rng.integers(1, 9)) if rng.random() < 0.5 else None
+    blocks = list(block_schedule(start, total, eval_every, block_every))
+    ends = {e for e in range(start + 1, total + 1)
+            if e % eval_every == 0 or e == total or (block_every and e % block_every == 0)}
+    assert [r + n for r, n, _ in blocks] == sorted(ends)
+    assert [r for r, _, _ in blocks] == [start] + sorted(ends)[:-1] if blocks else start == total
+    assert all(ev == ((r + n) % eval_every == 0 or r + n == total) for r, n, ev in blocks)

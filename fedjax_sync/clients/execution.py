@@ -34,9 +34,11 @@ class ClientExecution(NamedTuple):
       `CPU_VMAP_MAX_BYTES`, else 'sequential'), 'vmap' (all clients batched),
       'chunked' (`chunk_size` clients under vmap at a time, bounding memory),
       'sequential' (one client at a time in a compiled loop), or 'loop' (clients
-      unrolled in the trace: no while loop around a convolution, the fastest for
-      CNNs on CPU together with `unroll=True` local steps; compile time grows
-      with C).
+      unrolled in the trace, no while loop; compile time grows with C). 'loop'
+      with `unroll=True` local steps is for CNNs on CPU whose convolutions are
+      plain `lax` ones: XLA:CPU runs their gradients slowly inside loops. The
+      models of `fedjax_sync.models` use `loop_friendly_conv` and need no
+      'loop'.
     chunk_size: clients per chunk for 'chunked'.
     mesh: optional `Mesh` with a `'clients'` axis to shard the client axis over.
   """

@@ -9,7 +9,7 @@ from fedjax_sync.simulate.clock import (ClientClock, RoundPolicy, apply_round_po
                                         with_deadline)
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.rounds import (SimulationConfig, SimulationResult, Simulator,
-                                         rounds_to_reach)
+                                         block_schedule, rounds_to_reach)
 from fedjax_sync.simulate.semi_async import (AsyncAlgorithm, AsyncConfig, AsyncResult,
                                              AsyncRound, AsyncState, SemiAsyncSimulator,
                                              make_async_engine)
@@ -18,7 +18,7 @@ from fedjax_sync.simulate.sweep import Sweep, SweepResult, registered_algorithm
 __all__ = [
     # Synchronous rounds and sweeps.
     'SimulationConfig', 'SimulationResult', 'Simulator', 'Sweep', 'SweepResult',
-    'make_evaluator', 'registered_algorithm', 'rounds_to_reach',
+    'block_schedule', 'make_evaluator', 'registered_algorithm', 'rounds_to_reach',
     # The simulated clock.
     'ClientClock', 'RoundPolicy', 'apply_round_policy', 'constant_times', 'first_m',
     'job_available', 'job_times', 'lognormal_times', 'make_clock', 'over_selection',

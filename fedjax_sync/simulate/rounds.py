@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,25 @@ class SimulationResult(NamedTuple):
   final_eval: dict[str, Any]
   compile_seconds: float
   run_seconds: float
+
+
+def block_schedule(start: int, total: int, eval_every: int,
+                   block_every: int | None = None) -> Iterator[tuple[int, int, bool]]:
+  """The compiled blocks a driver runs: `(first round, length, ends at an evaluation)`.
+
+  A block ends at every multiple of `eval_every` (an evaluation), of `block_every`
+  (e.g. checkpoints) and at `total`. Rounds are counted from 0; `start` rounds are
+  already done. Shared by `Simulator`, `Sweep` and `SemiAsyncSimulator` (which
+  counts aggregations instead of rounds).
+  """
+  r = start
+  while r < total:
+    length = min(eval_every - r % eval_every, total - r)
+    if block_every:
+      length = min(length, block_every - r % block_every)
+    end = r + length
+    yield r, length, end % eval_every == 0 or end == total
+    r = end
 
 
 def _scalar_metrics(stacked: dict[str, np.ndarray], index: int) -> dict[str, float]:
@@ -186,12 +205,8 @@ class Simulator:
     started = time.perf_counter()
     evaluation: dict[str, Any] = {}
     try:
-      r = start_round
-      while r < cfg.num_rounds:
-        length = min(cfg.eval_every - r % cfg.eval_every, cfg.num_rounds - r)
-        if block_every:
-          length = min(length, block_every - r % block_every)
-        evaluate_now = (r + length) % cfg.eval_every == 0 or r + length == cfg.num_rounds
+      for r, length, evaluate_now in block_schedule(start_round, cfg.num_rounds, cfg.eval_every,
+                                                    block_every):
         if length not in self._blocks:
           t0 = time.perf_counter()
           self._block(state, length)
@@ -208,14 +223,13 @@ class Simulator:
             metrics_file.write(json.dumps(row) + '\n')
         if metrics_file:
           metrics_file.flush()
-        r += length
         if bar is not None:
           bar.update(length)
         if bar is not None and evaluation:
           bar.set_postfix(acc=f"{float(evaluation['test_accuracy']):.4f}",
                           loss=f"{float(evaluation['test_loss']):.4f}")
         if on_block is not None:
-          on_block(state, r, history)
+          on_block(state, r + length, history)
     finally:
       if bar is not None:
         bar.close()

@@ -52,6 +52,7 @@ from fedjax_sync.data.batching import LocalWork, make_client_batch, to_device
 from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.clock import ClientClock, job_available, job_times
 from fedjax_sync.simulate.evaluation import make_evaluator
+from fedjax_sync.simulate.rounds import block_schedule
 from fedjax_sync.types import ClientBatch, Params, PyTree, ServerState
 
 RESTARTS = ('new_model', 'current_model')
@@ -372,9 +373,8 @@ class SemiAsyncSimulator:
     history: list[dict[str, Any]] = []
     compile_seconds, started = 0.0, time.perf_counter()
     evaluation: dict[str, Any] = {}
-    done = int(state.server.round)
-    while done < cfg.num_aggregations:
-      length = min(cfg.eval_every - done % cfg.eval_every, cfg.num_aggregations - done)
+    for done, length, _ in block_schedule(int(state.server.round), cfg.num_aggregations,
+                                          cfg.eval_every):
       if length not in self._blocks:
         t0 = time.perf_counter()
         self._block(state, length)
@@ -389,7 +389,6 @@ class SemiAsyncSimulator:
         if i == length - 1 and evaluate:
           row.update({k: float(v) for k, v in evaluation.items() if np.ndim(v) == 0})
         history.append(row)
-      done += length
     if evaluate and not evaluation:
       evaluation = self.evaluate(state.server.params)
     return AsyncResult(state=state, history=history, final_eval=evaluation,

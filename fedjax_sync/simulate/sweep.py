@@ -40,7 +40,7 @@ from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.data.batching import make_client_batch, pad_clients, sample_clients, to_device
 from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.evaluation import make_evaluator
-from fedjax_sync.simulate.rounds import SimulationConfig
+from fedjax_sync.simulate.rounds import SimulationConfig, block_schedule
 from fedjax_sync.types import Algorithm, ServerState
 
 BuildAlgorithm = Callable[[Mapping[str, jax.Array]], Algorithm]
@@ -201,9 +201,7 @@ class Sweep:
     compile_seconds, started = 0.0, time.perf_counter()
     evaluation: dict[str, np.ndarray] = {}
     try:
-      r = 0
-      while r < cfg.num_rounds:
-        length = min(cfg.eval_every - r % cfg.eval_every, cfg.num_rounds - r)
+      for r, length, _ in block_schedule(0, cfg.num_rounds, cfg.eval_every):
         if length not in self._blocks:
           t0 = time.perf_counter()
           self._block(states, length)
@@ -218,7 +216,6 @@ class Sweep:
             if i == length - 1:
               row.update({k: float(v[s]) for k, v in evaluation.items() if np.ndim(v) == 1})
             history.append(row)
-        r += length
         if bar is not None:
           bar.update(length)
           bar.set_postfix(acc=f"{float(np.mean(evaluation['test_accuracy'])):.4f}")

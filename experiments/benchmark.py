@@ -22,9 +22,8 @@ Reported: the median of `repeats` steady-state rounds after `warmup` rounds, com
 time separately, and the ratio to the limit. All variants of a workload are compiled
 first, then timed in turns (`interleaved_medians`), so the ratios come from one run
 under the same load; each timed round of the dense workloads follows one untimed
-round of the same variant (a millisecond round timed right after the Python-loop
-baseline measured that baseline's aftermath: the limit of logistic regression read
-1.8 ms instead of 0.3 ms). Variants tracing more than `MAX_TRACED_STEPS` local steps
+round of the same variant, so that it measures consecutive rounds (as in a
+simulation) rather than a round right after another variant. Variants tracing more than `MAX_TRACED_STEPS` local steps
 ('loop' with unrolled steps at C = 100) are listed as not run.
 """
 

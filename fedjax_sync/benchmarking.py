@@ -45,9 +45,9 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], *, warmup: int,
   `repeats` timed calls each (A B C A B C ...), so slow drift of a shared
   machine's load falls on all variants alike and their ratios stay comparable.
   With `settle`, each timed call follows that many untimed calls of the same
-  variant: a millisecond-scale call timed right after another variant (say, a
-  Python loop of dispatches) would measure that variant's cache and thread-pool
-  aftermath. Each result is blocked on (`jax.block_until_ready`) before the clock
+  variant, so it measures consecutive calls (as a simulation makes them) rather
+  than a call right after another variant's, whose caches it would inherit.
+  Each result is blocked on (`jax.block_until_ready`) before the clock
   stops.
   """
   for call in calls.values():

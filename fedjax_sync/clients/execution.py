@@ -17,9 +17,9 @@ STRATEGIES = ('vmap', 'chunked', 'sequential', 'loop', 'auto')
 # What 'auto' runs (measured, docs/performance.md). Accelerators want the batched
 # clients. On CPU it depends on size: while the clients' outputs together (one
 # model-sized update each) fit in about a core's L2 cache, vmap amortizes per-op
-# overhead (Synthetic logistic regression, 10 clients: 1.7 against 2.2 ms per
+# overhead (Synthetic logistic regression, 10 clients: 2.5 against 3.2 ms per
 # round); above it every vmapped step streams C models through memory and one
-# client at a time wins (MLP 784-200-10, 100 clients: 0.09 against 0.23 s).
+# client at a time wins (MLP 784-200-10, 100 clients: 0.08 against 0.19 s).
 AUTO_STRATEGY = {'gpu': 'vmap', 'tpu': 'vmap'}
 CPU_VMAP_MAX_BYTES = 1 << 20
 CLIENT_AXIS = 'clients'

@@ -87,8 +87,13 @@ def _synthetic_batch(clients) -> fs.ClientBatch:
   return batch
 
 
+def _temp_mb(compiled) -> float:
+  """XLA's scratch memory of a compiled program (buffers besides inputs and outputs)."""
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
 def _round_call(algorithm, params, batch, key):
-  """One compiled FedAvg round on a donated state; returns `(call, compile seconds)`."""
+  """One compiled FedAvg round on a donated state: `(call, compile seconds, temp MB)`."""
   state = jax.tree.map(jnp.copy, algorithm.init(params))   # donated below
   t0 = time.perf_counter()
   compiled = jax.jit(algorithm.round, donate_argnums=0).lower(state, batch, key).compile()
@@ -99,7 +104,7 @@ def _round_call(algorithm, params, batch, key):
     holder[0], _ = compiled(holder[0], batch, key)
     return holder[0].params
 
-  return call, compile_s
+  return call, compile_s, _temp_mb(compiled)
 
 
 def _python_loop_call(model, params, batch, key):
@@ -135,7 +140,7 @@ def _python_loop_call(model, params, batch, key):
 
   t0 = time.perf_counter()
   jax.block_until_ready(call())   # the first call compiles the step
-  return call, time.perf_counter() - t0
+  return call, time.perf_counter() - t0, None
 
 
 def _limit_call(model, params, batch, key):
@@ -165,7 +170,7 @@ def _limit_call(model, params, batch, key):
     holder[0] = compiled(holder[0], data, mask, key)
     return holder[0]
 
-  return call, compile_s
+  return call, compile_s, _temp_mb(compiled)
 
 
 def _executions(num_clients: int) -> list[tuple[str, fs.ClientExecution]]:
@@ -188,7 +193,8 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
 
   Each timed round follows `settle` untimed rounds of the same variant (see
   `interleaved_medians`). Returns one row per variant (seconds, CPU seconds,
-  compile seconds, ratios to the limit) and the variants not run, with the reason.
+  compile seconds, XLA scratch memory of the compiled program, ratios to the limit)
+  and the variants not run, with the reason.
   """
   model_name, shape, classes, clients = WORKLOADS[name]
   model = _model(model_name, shape, classes)
@@ -197,8 +203,8 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
   batch = (_synthetic_batch(clients) if name == 'logreg_synthetic'
            else _random_batch(jax.random.key(1), clients, shape, classes))
   num_steps = batch.mask.shape[1]
-  calls, compile_s, skipped = {}, {}, []
-  calls['limit'], compile_s['limit'] = _limit_call(model, params, batch, key)
+  calls, compile_s, temp_mb, skipped = {}, {}, {}, []
+  calls['limit'], compile_s['limit'], temp_mb['limit'] = _limit_call(model, params, batch, key)
   for label, execution in _executions(clients):
     if strategies is not None and execution.strategy not in strategies:
       continue
@@ -209,13 +215,16 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
         skipped.append(f'{name} {variant}: {copies} traced local steps (> {MAX_TRACED_STEPS})')
         continue
       algorithm = fs.fed_avg(model.loss, optax.sgd(CLIENT_LR), execution=execution, unroll=unroll)
-      calls[variant], compile_s[variant] = _round_call(algorithm, params, batch, key)
+      calls[variant], compile_s[variant], temp_mb[variant] = _round_call(algorithm, params,
+                                                                         batch, key)
   if baseline:
-    calls['python_loop'], compile_s['python_loop'] = _python_loop_call(model, params, batch, key)
+    calls['python_loop'], compile_s['python_loop'], temp_mb['python_loop'] = _python_loop_call(
+        model, params, batch, key)
   timings = interleaved_medians(calls, warmup=warmup, repeats=repeats, settle=settle)
   limit = timings['limit']
   return [{'workload': name, 'variant': variant, 'seconds': t.seconds,
            'cpu_seconds': t.cpu_seconds, 'compile_seconds': compile_s[variant],
+           'xla_temp_mb': temp_mb[variant],
            'ratio_to_limit': t.seconds / limit.seconds,
            'cpu_ratio_to_limit': t.cpu_seconds / limit.cpu_seconds,
            'fedjax_anchor_seconds': ANCHORS.get(name)}
@@ -260,20 +269,24 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
     for r in new:
       print(f"{r['workload']:18s} {r['variant']:28s} {r['seconds']:9.4f} s "
             f"(×{r['ratio_to_limit']:.2f} limit; CPU {r['cpu_seconds']:.4f} s, "
-            f"×{r['cpu_ratio_to_limit']:.2f}; compile {r['compile_seconds']:.1f} s)", flush=True)
+            f"×{r['cpu_ratio_to_limit']:.2f}; compile {r['compile_seconds']:.1f} s; "
+            f"XLA temp {r['xla_temp_mb'] or 0:.1f} MB)", flush=True)
     rows += new
   table = [(r['workload'], r['variant'], r['seconds'], r['ratio_to_limit'], r['cpu_seconds'],
             r['cpu_ratio_to_limit'], r['compile_seconds'],
+            r['xla_temp_mb'] if r['xla_temp_mb'] is not None else '',
             r['fedjax_anchor_seconds'] if r['fedjax_anchor_seconds'] is not None else '')
            for r in rows]
   reporting.write_summary(
       run_dir, 'FedAvg round time (median steady-state round)',
       ['workload', 'variant', 's/round', '× limit', 'CPU s/round', 'CPU × limit', 'compile s',
-       'FedJAX s/round'], table,
+       'XLA temp MB', 'FedJAX s/round'], table,
       notes=f'Machine: {machine()}. Synthetic random inputs of the right shapes (timing only). '
             'Wall-clock and process CPU time (all threads) of the median steady round, the '
             'variants of a workload timed in turns (interleaved), each timed round of '
-            'the dense workloads after one untimed round of the same variant. '
+            'the dense workloads after one untimed round of the same variant. XLA temp MB: '
+            'the compiled program\'s scratch memory (`memory_analysis().temp_size_in_bytes`), '
+            'besides its inputs (the round\'s data) and outputs. '
             + (f'Not run: {"; ".join(skipped)}.' if skipped else ''))
   best = {}
   for r in rows:

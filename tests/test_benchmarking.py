@@ -44,6 +44,7 @@ def test_benchmark_workload_rows_and_skips(monkeypatch):
   for r in rows:
     assert r['seconds'] > 0 and r['compile_seconds'] > 0
     assert abs(r['ratio_to_limit'] - r['seconds'] / limit['seconds']) < 1e-12
+  assert rows[1]['xla_temp_mb'] >= 0 and rows[-1]['xla_temp_mb'] is None   # no program
 
 
 def test_interleaved_medians_settle_before_each_timed_call():

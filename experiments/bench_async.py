@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from fedjax_sync import reporting
+from fedjax_sync.benchmarking import interleaved_medians
 from fedjax_sync.algorithms.fed_avg import fed_avg
 from fedjax_sync.algorithms.fed_buff import fed_buff
 from fedjax_sync.data import LocalWork, from_client_indices, make_client_batch
@@ -51,16 +52,15 @@ def _data(num_clients: int, per_client: int = 20, seed: int = 0):
                              name=f'bench {num_clients} clients')
 
 
-def _median_seconds(step, state, repeats):
-  state, out = step(state)            # warm-up (compiled already)
-  jax.block_until_ready(out)
-  seconds = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    state, out = step(state)
-    jax.block_until_ready(out)
-    seconds.append(time.perf_counter() - t0)
-  return float(np.median(seconds)), state
+def _stateful(step, state):
+  """A no-argument call that advances `state` by one `step` (for the interleaved timer)."""
+  holder = [state]
+
+  def call():
+    holder[0], out = step(holder[0])
+    return out
+
+  return call
 
 
 def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
@@ -96,11 +96,10 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
       counter['round'] += block
       return out
 
-    sync_seconds, _ = _median_seconds(sync_step, sync_state, repeats)
 
     # The same synchronous rounds without the sampler: clients (r K + i) mod N. The
-    # driver's `sample_clients` (a without-replacement draw of C of N) is O(N log N)
-    # per round and dominates at large N; this isolates training + aggregation.
+    # driver's `sample_clients` (a without-replacement draw of C of N, O(N) per
+    # round) is excluded; this isolates training + aggregation.
     algorithm = sync.algorithm
 
     def cyclic_block(state, start):
@@ -114,8 +113,6 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
 
     cyclic = jax.jit(cyclic_block, donate_argnums=0)
     cyclic_state = jax.tree.map(jnp.copy, sync.init())
-    cyclic_seconds, _ = _median_seconds(lambda s: cyclic(s, jnp.asarray(0, jnp.int32)),
-                                        cyclic_state, repeats)
 
     clock = make_clock(speed_ratio_times(n, 20.0), dropout=0.1)
     semi = SemiAsyncSimulator(fed_buff(model.loss, optax.sgd(0.05)), model, data, clock,
@@ -125,8 +122,14 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
     semi_state = semi.init()
     semi._block(semi_state, block)
     semi_compile = time.perf_counter() - t0
-    semi_seconds, semi_state = _median_seconds(lambda s: semi.run_aggregations(s, block),
-                                               semi_state, repeats)
+    # The three engines take turns (one warm-up each), so load drift hits them alike.
+    timings = interleaved_medians(
+        {'sync': _stateful(sync_step, sync_state),
+         'cyclic': _stateful(lambda s: cyclic(s, jnp.asarray(0, jnp.int32)), cyclic_state),
+         'semi': _stateful(lambda s: semi.run_aggregations(s, block), semi_state)},
+        warmup=1, repeats=repeats)
+    sync_seconds, cyclic_seconds, semi_seconds = (
+        timings[k].seconds for k in ('sync', 'cyclic', 'semi'))
     sync_rate, semi_rate = block / sync_seconds, block / semi_seconds
     cyclic_rate = block / cyclic_seconds
     ratio, cyclic_ratio = sync_rate / semi_rate, cyclic_rate / semi_rate

@@ -112,19 +112,28 @@ def test_execution_validation():
     ClientExecution('batched').validate()
 
 
-def test_streamed_round_compiles_once():
-  traces = []
-  algorithm = fs.fed_avg(MODEL.loss, optax.sgd(0.1), execution=ClientExecution('chunked', 2))
+@pytest.mark.parametrize('execution', STREAMED, ids=lambda e: f'{e.strategy}{e.chunk_size or ""}')
+def test_streamed_round_traces_the_loss_once_and_compiles_once(execution):
+  rounds, losses = [], []
+
+  def counted_loss(params, batch, key):
+    losses.append(1)
+    return MODEL.loss(params, batch, key)
+
+  algorithm = fs.fed_avg(counted_loss, optax.sgd(0.1), execution=execution)
 
   def counted(state, batch, key):
-    traces.append(1)
+    rounds.append(1)
     return algorithm.round(state, batch, key)
 
   round_fn = jax.jit(counted)
   state = algorithm.init(MODEL.init(jax.random.key(0)))
   for r in range(3):
     state, _ = round_fn(state, _batch([5, 6, 7], seed=r), jax.random.key(r))
-  assert len(traces) == 1
+  assert len(rounds) == 1
+  # One trace of the local step (the scan body) per traced client function; 'loop'
+  # traces one client function per client.
+  assert len(losses) == (3 if execution.strategy == 'loop' else 1)
 
 
 def test_auto_strategy_resolves_by_size_on_cpu_and_agrees():

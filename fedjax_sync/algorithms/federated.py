@@ -145,7 +145,8 @@ def federated_algorithm(client_update: ClientUpdate, *,
       return out.update, out.metrics
 
     aggregate, client_metrics, sq_norms = map_reduce_clients(
-        one, inputs, normalized, execution, client_bytes=communication.model_bytes(state.params))
+        one, inputs, normalized, execution, client_bytes=communication.model_bytes(state.params),
+        update_like=state.params)
     server_updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, server_updates)
     metrics = streamed_round_metrics(client_metrics, sq_norms, batch, aggregate, state.params)

@@ -144,7 +144,7 @@ def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution
 
 
 def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, *,
-                       client_bytes: int | None = None):
+                       client_bytes: int | None = None, update_like=None):
   """Runs the clients and reduces their updates as they are produced.
 
   Memory-bounded rounds: with 'sequential' one client's update exists at a time,
@@ -161,6 +161,8 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
     weights: `[C]` weights of the sum.
     execution: any strategy, with its chunk size and optional mesh.
     client_bytes: one client's output size, for 'auto' (see `map_clients`).
+    update_like: a pytree shaped like one client's update (e.g. the params); when
+      not given, its shape is found by tracing `fn` once more (`jax.eval_shape`).
 
   Returns:
     `(Σ_c weights[c] · update_c, per_client [C, ...], ‖update_c‖² [C])`. C need not
@@ -179,6 +181,13 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
   def weighted_sum(w, u):
     return jnp.tensordot(w.astype(u.dtype), u, axes=1, precision=jax.lax.Precision.HIGHEST)
 
+  def zero_update(one_client_args, batched: bool):
+    if update_like is not None:
+      return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), update_like)
+    run = (lambda a: jax.vmap(fn)(*a)[0]) if batched else (lambda a: fn(*a)[0])
+    shapes = jax.eval_shape(run, one_client_args)
+    return jax.tree.map(lambda x: jnp.zeros(x.shape[1:] if batched else x.shape, x.dtype), shapes)
+
   def sq_norms(update):
     return sum(jnp.sum(jnp.square(u.reshape(u.shape[0], -1)), axis=1)
                for u in jax.tree.leaves(update))
@@ -191,9 +200,7 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
     return total, per_client, sq_norms(update)
 
   def one_at_a_time(shard_args, shard_weights):
-    first = jax.tree.map(lambda x: x[0], shard_args)
-    update_shape = jax.eval_shape(lambda a: fn(*a)[0], first)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_shape)
+    zeros = zero_update(jax.tree.map(lambda x: x[0], shard_args), batched=False)
 
     def body(total, xs):
       client_args, w = xs
@@ -216,9 +223,7 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
     num_chunks = (n + pad) // chunk
     chunked = jax.tree.map(lambda x: x.reshape((num_chunks, chunk) + x.shape[1:]),
                            (shard_args, shard_weights))
-    first = jax.tree.map(lambda x: x[0], chunked[0])
-    update_shape = jax.eval_shape(lambda a: jax.vmap(fn)(*a)[0], first)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), update_shape)
+    zeros = zero_update(jax.tree.map(lambda x: x[0], chunked[0]), batched=True)
 
     def body(total, xs):
       chunk_args, chunk_weights = xs

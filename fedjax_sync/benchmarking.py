@@ -50,6 +50,11 @@ def interleaved_medians(calls: Mapping[str, Callable[[], Any]], *, warmup: int,
   Each result is blocked on (`jax.block_until_ready`) before the clock
   stops.
   """
+  for name, value, least in (('warmup', warmup, 0), ('repeats', repeats, 1), ('settle', settle, 0)):
+    if not isinstance(value, int) or value < least:
+      raise ValueError(f'{name} must be an integer ≥ {least}, got {value!r}')
+  if not calls:
+    raise ValueError('no calls to time')
   for call in calls.values():
     for _ in range(warmup):
       jax.block_until_ready(call())

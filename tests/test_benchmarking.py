@@ -53,3 +53,15 @@ def test_interleaved_medians_settle_before_each_timed_call():
   calls = {name: (lambda name=name: order.append(name) or jnp.ones(2)) for name in 'ab'}
   interleaved_medians(calls, warmup=0, repeats=2, settle=1)
   assert order == ['a', 'a', 'b', 'b'] * 2
+
+
+def test_interleaved_medians_rejects_bad_counts():
+  import pytest
+  from fedjax_sync.benchmarking import interleaved_medians
+  call = {'a': lambda: jnp.ones(1)}
+  with pytest.raises(ValueError, match='repeats must be an integer ≥ 1, got 0'):
+    interleaved_medians(call, warmup=0, repeats=0)
+  with pytest.raises(ValueError, match='settle must be an integer ≥ 0, got -1'):
+    interleaved_medians(call, warmup=0, repeats=1, settle=-1)
+  with pytest.raises(ValueError, match='no calls'):
+    interleaved_medians({}, warmup=0, repeats=1)

@@ -23,8 +23,9 @@ time separately, and the ratio to the limit. All variants of a workload are comp
 first, then timed in turns (`interleaved_medians`), so the ratios come from one run
 under the same load; each timed round of the dense workloads follows one untimed
 round of the same variant, so that it measures consecutive rounds (as in a
-simulation) rather than a round right after another variant. Variants tracing more than `MAX_TRACED_STEPS` local steps
-('loop' with unrolled steps at C = 100) are listed as not run.
+simulation) rather than a round right after another variant. Variants tracing more
+than `MAX_TRACED_STEPS` local steps ('loop' with unrolled steps at C = 100) are
+listed as not run.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
       continue
     for unroll in unrolls:
       variant = f'{label}, unroll={unroll}'
-      copies = (clients if execution.strategy == 'loop' else 1) * (num_steps if unroll is True else 1)
+      copies = ((clients if execution.strategy == 'loop' else 1)
+                * (num_steps if unroll is True else 1))
       if copies > MAX_TRACED_STEPS:
         skipped.append(f'{name} {variant}: {copies} traced local steps (> {MAX_TRACED_STEPS})')
         continue

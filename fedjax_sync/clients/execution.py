@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 STRATEGIES = ('vmap', 'chunked', 'sequential', 'loop', 'auto')
@@ -130,7 +131,7 @@ def map_clients(fn: Callable, args, execution: ClientExecution = ClientExecution
       # convolutions inside loops far slower); compile time grows with C.
       n = jax.tree.leaves(shard_args)[0].shape[0]
       outs = [fn(*jax.tree.map(lambda x: x[c], shard_args)) for c in range(n)]
-      return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     batch = execution.chunk_size if strategy == 'chunked' else None
     return jax.lax.map(lambda a: fn(*a), shard_args, batch_size=batch)
 
@@ -169,8 +170,6 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
     be a multiple of chunk_size (the last chunk is padded with zero-weight copies of
     the first clients, which add nothing).
   """
-  import jax.numpy as jnp
-
   execution.validate()
   num_clients = weights.shape[0]
   shards = execution.num_shards

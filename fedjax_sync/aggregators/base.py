@@ -64,13 +64,26 @@ def stateless(fn: Callable, *, kind: str, name: str) -> Aggregator:
   return Aggregator(init, apply, kind, name)
 
 
-def _weights_or_ones(weights, updates):
-  """`[C]` weights in the updates' float dtype (so float64 runs stay float64)."""
-  leaves = jax.tree.leaves(updates)
+def compute_dtype(tree) -> jnp.dtype:
+  """The float dtype in which scalars about `tree` (weights, norms, factors) are computed.
+
+  The leaves' float dtype, at least float32: a float64 run stays float64 (no float32
+  weight or factor caps its accuracy at ~1e-7), a float32 run stays float32, and
+  bfloat16/float16 updates get float32 scalars (sums of weights in bfloat16 would
+  lose the clients' relative sizes).
+  """
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
   dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _weights_or_ones(weights, updates):
+  """`[C]` weights in `compute_dtype(updates)` (so float64 runs stay float64)."""
+  leaves = jax.tree.leaves(updates)
+  dtype = compute_dtype(updates)
   if weights is None:
     return jnp.ones((leaves[0].shape[0],), dtype)
-  return weights.astype(dtype)
+  return jnp.asarray(weights).astype(dtype)
 
 
 def weighted_mean() -> Aggregator:

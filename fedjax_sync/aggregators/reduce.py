@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import REDUCER, Aggregator, mean, weighted_mean
+from fedjax_sync.aggregators.base import REDUCER, Aggregator, compute_dtype, mean, weighted_mean
 
 __all__ = ['MetricsState', 'mean', 'norm_bounded_mean', 'weighted_mean']
 
@@ -30,11 +30,11 @@ class MetricsState(NamedTuple):
 
 
 def float_weights(weights, updates) -> jax.Array:
-  """`[C]` weights as float32 (ones when `weights` is None)."""
+  """`[C]` weights in `compute_dtype(updates)` (ones when `weights` is None)."""
   num = jax.tree.leaves(updates)[0].shape[0]
   if weights is None:
-    return jnp.ones((num,), jnp.float32)
-  return jnp.asarray(weights).astype(jnp.float32)
+    return jnp.ones((num,), compute_dtype(updates))
+  return jnp.asarray(weights).astype(compute_dtype(updates))
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
@@ -75,7 +75,7 @@ def norm_bounded_mean(max_norm: float) -> Aggregator:
     del state, key, client_ids
     w = float_weights(weights, updates)
     present = (w > 0).astype(jnp.float32)
-    sq = tree_lib.client_sq_norms(updates).astype(jnp.float32)
+    sq = tree_lib.client_sq_norms(updates).astype(w.dtype)
     factors = clip_factors(sq, max_norm)
     total = jnp.sum(w)
     coefficients = w * factors / jnp.where(total > 0, total, 1.0)

@@ -7,8 +7,10 @@ unweighted distances (Blanchard et al. 2017); the geometric median is weighted.
 
 Order statistics avoid a full sort of the `[C, d]` updates (XLA's CPU sort is
 slow): each coordinate's k-th smallest value is found by a 32-step bisection over
-an order-preserving integer image of the float32 values, run on cache-sized
-chunks of coordinates. The result is exact (bitwise the sorted value).
+an order-preserving integer image of the values (32-bit keys for float32 and
+narrower floats, computed on their exact float32 image; 64-bit keys for float64),
+run on cache-sized chunks of coordinates. The result is exact (bitwise the
+sorted value).
 Krum and the geometric median work on the `[C, C]` Gram matrix of the updates:
 one O(C²d) matmul, then O(C²) scalar work per Weiszfeld iteration.
 """
@@ -21,26 +23,34 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import REDUCER, Aggregator
+from fedjax_sync.aggregators.base import REDUCER, Aggregator, compute_dtype
 from fedjax_sync.aggregators.reduce import MetricsState, float_weights
 
 __all__ = ['coordinate_median', 'geometric_median', 'krum', 'multi_krum', 'trimmed_mean']
 
 _CHUNK = 4096
-_TOP = 0xFFFFFFFF
+
+
+def _key_dtype(dtype) -> jnp.dtype:
+  """Unsigned key type of the floats `dtype` (float64 only when x64 is enabled)."""
+  return jnp.dtype(jnp.uint64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.uint32)
 
 
 def _to_keys(x: jax.Array) -> jax.Array:
-  """Order-preserving map float32 → uint32 (x < y ⇔ key(x) < key(y), for non-NaN)."""
-  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-  negative = (bits >> 31) == 1
-  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+  """Order-preserving map float32 → uint32, float64 → uint64 (x < y ⇔ key(x) < key(y), non-NaN)."""
+  kind = _key_dtype(x.dtype)
+  top = kind.itemsize * 8 - 1
+  bits = jax.lax.bitcast_convert_type(x, kind)
+  negative = (bits >> top) == 1
+  return jnp.where(negative, ~bits, bits | (jnp.array(1, kind) << top))
 
 
 def _from_keys(keys: jax.Array) -> jax.Array:
-  positive = (keys >> 31) == 1
-  bits = jnp.where(positive, keys & jnp.uint32(0x7FFFFFFF), ~keys)
-  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+  top = keys.dtype.itemsize * 8 - 1
+  positive = (keys >> top) == 1
+  bits = jnp.where(positive, keys & ~(jnp.array(1, keys.dtype) << top), ~keys)
+  return jax.lax.bitcast_convert_type(
+      bits, jnp.float64 if keys.dtype == jnp.uint64 else jnp.float32)
 
 
 def _kth_keys(keys: jax.Array, ranks) -> list[jax.Array]:
@@ -49,27 +59,32 @@ def _kth_keys(keys: jax.Array, ranks) -> list[jax.Array]:
   Bisection on the answer's bits, high to low: the answer v is the smallest t with
   #{c : keys[c] ≤ t} ≥ k + 1.
   """
+  kind = keys.dtype
+  num_bits = kind.itemsize * 8
+  one = jnp.array(1, kind)
+
   def body(i, values):
-    bit = jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32))
+    bit = one << (jnp.array(num_bits - 1, kind) - i.astype(kind))
     out = []
     for v, k in zip(values, ranks):
-      t = v + (bit - jnp.uint32(1))
+      t = v + (bit - one)
       count = jnp.sum((keys <= t[None]).astype(jnp.int32), axis=0)
       out.append(jnp.where(count >= k + 1, v, v + bit))
     return tuple(out)
 
-  start = tuple(jnp.zeros(keys.shape[1:], jnp.uint32) for _ in ranks)
-  return list(jax.lax.fori_loop(0, 32, body, start))
+  start = tuple(jnp.zeros(keys.shape[1:], kind) for _ in ranks)
+  return list(jax.lax.fori_loop(0, num_bits, body, start))
 
 
 def _per_coordinate(updates, present, column_fn):
-  """Applies `column_fn(x [C, n] float32, keys [C, n]) -> [n]` to every leaf in chunks.
+  """Applies `column_fn(x [C, n], keys [C, n]) -> [n]` to every leaf in chunks.
 
+  `x` is float64 for a float64 leaf, else float32 (exact for every narrower float).
   Absent clients get the largest key, so they sort after every present value.
   """
   def leaf_fn(leaf):
     num = leaf.shape[0]
-    flat = leaf.reshape(num, -1).astype(jnp.float32)
+    flat = leaf.reshape(num, -1).astype(compute_dtype(leaf))
     size = flat.shape[1]
     chunk = min(_CHUNK, size)
     chunks = -(-size // chunk)
@@ -79,7 +94,8 @@ def _per_coordinate(updates, present, column_fn):
 
     def one(start):
       x = jax.lax.dynamic_slice_in_dim(flat, start, chunk, axis=1)
-      keys = jnp.where(present[:, None], _to_keys(x), jnp.uint32(_TOP))
+      keys = _to_keys(x)
+      keys = jnp.where(present[:, None], keys, jnp.array(jnp.iinfo(keys.dtype).max, keys.dtype))
       return column_fn(x, keys)
 
     values = jax.lax.map(one, starts)
@@ -87,7 +103,7 @@ def _per_coordinate(updates, present, column_fn):
       out = values.reshape(-1)
     else:
       index = starts[:, None] + jnp.arange(chunk)[None, :]
-      out = jnp.zeros((size,), jnp.float32).at[index.reshape(-1)].set(values.reshape(-1))
+      out = jnp.zeros((size,), flat.dtype).at[index.reshape(-1)].set(values.reshape(-1))
     return out.reshape(leaf.shape[1:]).astype(leaf.dtype)
 
   return jax.tree.map(leaf_fn, updates)
@@ -105,7 +121,8 @@ def coordinate_median() -> Aggregator:
   Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
   Statistical Rates" (arXiv 1803.01498, Alg. 1 option I). With an even number K
   of present clients the median is the mean of the two middle values. Unweighted.
-  Computed in float32 (exact order statistics, see the module docstring).
+  Computed in float64 for float64 updates, else float32 (exact order statistics,
+  see the module docstring).
 
   Example:
     >>> agg = coordinate_median()
@@ -161,9 +178,10 @@ def trimmed_mean(beta: float) -> Aggregator:
       inner = jnp.sum(jnp.where(inside, x, 0.0), axis=0)
       n_lo = jnp.sum((keys <= lo_key[None]).astype(jnp.int32), axis=0) - trim
       n_hi = (count - trim) - jnp.sum((keys < hi_key[None]).astype(jnp.int32), axis=0)
-      total = jnp.where(lo_key == hi_key, kept.astype(jnp.float32) * lo,
-                        inner + n_lo.astype(jnp.float32) * lo + n_hi.astype(jnp.float32) * hi)
-      return jnp.where(kept > 0, total / jnp.maximum(kept, 1).astype(jnp.float32), 0.0)
+      dtype = x.dtype
+      total = jnp.where(lo_key == hi_key, kept.astype(dtype) * lo,
+                        inner + n_lo.astype(dtype) * lo + n_hi.astype(dtype) * hi)
+      return jnp.where(kept > 0, total / jnp.maximum(kept, 1).astype(dtype), 0.0)
 
     out = _per_coordinate(updates, present, column)
     return out, MetricsState({'num_trimmed_per_side': trim})
@@ -173,7 +191,7 @@ def trimmed_mean(beta: float) -> Aggregator:
 
 def _pairwise_sq_distances(updates) -> tuple[jax.Array, jax.Array]:
   """`[C, C]` squared distances from one Gram matmul, and the Gram matrix."""
-  gram = tree_lib.client_gram(updates).astype(jnp.float32)
+  gram = tree_lib.client_gram(updates).astype(compute_dtype(updates))
   sq = jnp.diagonal(gram)
   return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0), gram
 
@@ -219,7 +237,8 @@ def multi_krum(num_byzantine: int, num_selected: int) -> Aggregator:
     rank = jnp.zeros((num,), jnp.int32).at[order].set(jnp.arange(num, dtype=jnp.int32))
     chosen = jnp.minimum(num_selected, count)
     selected = present & (rank < chosen)
-    coefficients = selected.astype(jnp.float32) / jnp.maximum(chosen, 1).astype(jnp.float32)
+    dtype = compute_dtype(updates)
+    coefficients = selected.astype(dtype) / jnp.maximum(chosen, 1).astype(dtype)
     out = tree_lib.client_weighted_sum(updates, coefficients)
     ids = jnp.arange(num, dtype=jnp.int32) if client_ids is None else client_ids.astype(jnp.int32)
     return out, MetricsState({'selected_client': ids[order[0]], 'num_selected': chosen})
@@ -257,8 +276,8 @@ def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggreg
     raise ValueError(f'geometric_median smoothing must be > 0, got {smoothing!r}')
 
   def init(params, num_clients=None):
-    del params, num_clients
-    return MetricsState({'objective': jnp.zeros((), jnp.float32)})
+    del num_clients
+    return MetricsState({'objective': jnp.zeros((), compute_dtype(params))})
 
   def apply(updates, weights, state, key=None, client_ids=None):
     del state, key, client_ids
@@ -267,7 +286,7 @@ def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggreg
     p = w / jnp.where(total > 0, total, 1.0)
     centre = tree_lib.client_weighted_sum(updates, p)
     centred = jax.tree.map(lambda x, m: x - m[None], updates, centre)
-    gram = tree_lib.client_gram(centred).astype(jnp.float32)
+    gram = tree_lib.client_gram(centred).astype(w.dtype)
     diag = jnp.diagonal(gram)
 
     def distances(a):

@@ -39,12 +39,41 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Arra
 LocalStep = Callable[..., tuple[Params, PyTree, StepMetrics]]
 
 
+def split_loss_output(output) -> tuple[jax.Array, PyTree | None]:
+  """A loss's per-example losses `[B]` and its state update (None when stateless).
+
+  A stateless loss returns `[B]`. A model with mutable state (BatchNorm's
+  `batch_stats`) keeps it inside its params dict under its own top-level keys, and
+  its loss returns `(losses [B], {key: new value})`: the local step ignores those
+  keys' gradients and takes their new values from the loss (`models.from_flax`).
+  """
+  if isinstance(output, tuple):
+    if len(output) != 2:
+      raise ValueError(f'a loss returns losses [B] or (losses [B], state update); got a '
+                       f'tuple of {len(output)}')
+    return output
+  return output, None
+
+
+def _with_state(params: Params, state: PyTree) -> Params:
+  """`params` with its top-level `state` keys replaced (values cast to the params' dtypes)."""
+  if not isinstance(params, dict) or not isinstance(state, dict) or not set(state) <= set(params):
+    keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+    raise ValueError(f'a stateful loss returns a dict whose keys are top-level keys of the '
+                     f'params dict; got {sorted(state) if isinstance(state, dict) else state!r} '
+                     f'for params keys {keys}')
+  cast = {k: jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), v, params[k])
+          for k, v in state.items()}
+  return {**params, **cast}
+
+
 def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     prox_mu: float = 0.0) -> LocalStep:
   """Builds `step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None)`.
 
   Args:
-    loss_fn: per-example loss `(params, batch, key) -> [B]`.
+    loss_fn: per-example loss `(params, batch, key) -> [B]`, or `-> (losses [B],
+      state update)` for a model with mutable state (see `split_loss_output`).
     optimizer: the client's optax optimizer.
     prox_mu: FedProx's proximal coefficient μ: adds `μ (params − anchor)` to the
       gradient, the gradient of `(μ/2)‖params − anchor‖²`.
@@ -59,9 +88,13 @@ def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
   def step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None):
     def objective(p):
-      return masked_mean(loss_fn(p, batch, key), mask)
+      losses, state = split_loss_output(loss_fn(p, batch, key))
+      loss, count = masked_mean(losses, mask)
+      return loss, (count, state)
 
-    (loss, count), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    (loss, (count, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    if new_state is not None:  # state keys take no gradient step: their value comes from the loss
+      grads = _with_state(grads, jax.tree.map(jnp.zeros_like, new_state))
     if prox_mu:
       if anchor is None:
         raise ValueError('prox_mu > 0 needs the anchor (the global model)')
@@ -78,6 +111,8 @@ def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     else:
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    if new_state is not None:
+      new_params = _with_state(new_params, new_state)
     active = count > 0
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
     return (keep(new_params, params), keep(new_opt_state, opt_state),

@@ -52,8 +52,28 @@ class FederatedData:
     if not np.array_equal(self.offsets, expected) or int(self.counts.sum()) != n:
       raise ValueError('offsets/counts must describe contiguous client blocks covering '
                        f'all {n} training rows')
-    if self.test_client is not None and self.test_client.shape != (m,):
-      raise ValueError(f'test_client must be [{m}], got {self.test_client.shape}')
+    if m == 0:
+      raise ValueError('the test set is empty (0 rows); evaluation needs at least one test '
+                       'example')
+    if (not isinstance(self.num_classes, (int, np.integer)) or isinstance(self.num_classes, bool)
+        or self.num_classes < 1):
+      raise ValueError(f'num_classes must be a positive integer, got {self.num_classes!r}')
+    for split, arrays in (('train', self.train), ('test', self.test)):
+      labels = arrays.get('y')
+      if (labels is not None and np.issubdtype(np.asarray(labels).dtype, np.integer)
+          and labels.size and (labels.min() < 0 or labels.max() >= self.num_classes)):
+        raise ValueError(f'{split} labels must lie in [0, {self.num_classes}) (num_classes='
+                         f'{self.num_classes}), got [{labels.min()}, {labels.max()}]')
+    if self.test_client is not None:
+      owners = np.asarray(self.test_client)
+      if owners.shape != (m,):
+        raise ValueError(f'test_client must be [{m}] (one owner per test example), got '
+                         f'{owners.shape}')
+      if not np.issubdtype(owners.dtype, np.integer):
+        raise ValueError(f'test_client must hold integer client ids, got dtype {owners.dtype}')
+      if owners.min() < 0 or owners.max() >= self.num_clients:
+        raise ValueError(f'test_client ids must lie in [0, {self.num_clients}) (the clients), '
+                         f'got [{owners.min()}, {owners.max()}]')
 
   @property
   def num_clients(self) -> int:
@@ -99,11 +119,42 @@ def from_client_indices(examples: Mapping[str, np.ndarray],
     num_classes: number of label classes.
     name: description.
     test_client: optional `[m]` owner of each test example.
+
+  Raises:
+    ValueError: an index that is negative, not an integer, out of range or given
+      twice (to one client or two); a `test_client` of the wrong shape or with ids
+      outside `[0, num_clients)`; an empty test set.
   """
-  counts = np.array([len(ix) for ix in client_indices], dtype=np.int64)
-  order = (np.concatenate([np.asarray(ix, np.int64) for ix in client_indices])
-           if len(client_indices) else np.zeros((0,), np.int64))
+  n = _num_rows(examples, 'examples')
+  indices = [_client_index_array(ix, k, n) for k, ix in enumerate(client_indices)]
+  if not indices:
+    raise ValueError('client_indices is empty; give one index array per client')
+  counts = np.array([len(ix) for ix in indices], dtype=np.int64)
+  order = np.concatenate(indices)
+  uses = np.bincount(order, minlength=n)
+  if uses.size and uses.max() > 1:
+    repeated = np.flatnonzero(uses > 1)
+    raise ValueError(f'{repeated.size} example(s) are assigned more than once (e.g. row '
+                     f'{int(repeated[0])}, {int(uses[repeated[0]])} times); each example '
+                     'may belong to at most one client')
+  if test_client is not None:
+    test_client = np.asarray(test_client)
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
   train = {k: np.ascontiguousarray(v[order]) for k, v in examples.items()}
   return FederatedData(train=train, offsets=offsets, counts=counts, test=dict(test),
                        test_client=test_client, num_classes=num_classes, name=name)
+
+
+def _client_index_array(indices, client: int, num_examples: int) -> np.ndarray:
+  """Client `client`'s row indices as int64, checked against `num_examples` rows."""
+  ix = np.asarray(indices)
+  if ix.ndim != 1:
+    raise ValueError(f'client {client}: indices must be a 1-D array, got shape {ix.shape}')
+  if ix.size == 0:
+    return np.zeros((0,), np.int64)
+  if not np.issubdtype(ix.dtype, np.integer):
+    raise ValueError(f'client {client}: indices must be integers, got dtype {ix.dtype}')
+  if ix.min() < 0 or ix.max() >= num_examples:
+    raise ValueError(f'client {client}: indices must lie in [0, {num_examples}) (the rows of '
+                     f'examples), got [{ix.min()}, {ix.max()}]')
+  return ix.astype(np.int64)

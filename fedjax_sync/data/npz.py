@@ -11,6 +11,8 @@ on a 10-class dataset is the "one class per client" extreme).
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from typing import Mapping
 
 import numpy as np
@@ -68,7 +70,7 @@ def from_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     method: Dirichlet reading.
     name: description stored in the data.
   """
-  x_train, x_test = np.asarray(x_train), np.asarray(x_test)
+  x_train, x_test = _inputs(x_train, 'x_train'), _inputs(x_test, 'x_test')
   y_train, y_test = _labels(y_train, 'y_train'), _labels(y_test, 'y_test')
   if x_train.shape[0] != y_train.shape[0] or x_test.shape[0] != y_test.shape[0]:
     raise ValueError(f'inputs and labels disagree on rows: x_train {x_train.shape}, y_train '
@@ -76,13 +78,22 @@ def from_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
   if x_train.shape[1:] != x_test.shape[1:]:
     raise ValueError(f'train and test inputs differ in shape: {x_train.shape[1:]} vs '
                      f'{x_test.shape[1:]}')
-  if x_train.dtype == object or x_test.dtype == object:
-    raise ValueError('inputs must be numeric arrays, got dtype object')
+  if y_test.shape[0] == 0:
+    raise ValueError('the test set is empty (x_test/y_test have 0 rows); evaluation needs at '
+                     'least one test example')
   if num_classes is None:
     num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
-  if y_train.size and (y_train.min() < 0 or y_train.max() >= num_classes):
-    raise ValueError(f'labels must lie in [0, {num_classes}), got [{y_train.min()}, '
-                     f'{y_train.max()}]')
+  if (not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool)
+      or not 1 <= num_classes <= _MAX_CLASSES):
+    raise ValueError(f'num_classes must be an integer in [1, {_MAX_CLASSES}], got '
+                     f'{num_classes!r}')
+  for what, y in (('y_train', y_train), ('y_test', y_test)):
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(f'{what} labels must lie in [0, {num_classes}) (num_classes='
+                       f'{num_classes}), got [{y.min()}, {y.max()}]')
+  y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
+  if partition not in PARTITIONS:
+    raise ValueError(f'unknown partition {partition!r}; valid: {", ".join(PARTITIONS)}')
   parts = partition_labels(y_train, num_clients, partition=partition, alpha=alpha,
                            shards_per_client=shards_per_client, seed=seed, method=method)
   detail = {'iid': 'iid', 'dirichlet': f'dirichlet α={alpha:g}',
@@ -92,11 +103,37 @@ def from_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                              name=f'{name} ({num_clients} clients, {detail})')
 
 
+# Labels are stored as int32 (one-hot and gathers on the device); more classes than
+# that cannot be represented, and a label such as 2**32 must not wrap around to 0.
+_MAX_CLASSES = 2**31 - 1
+
+
 def _labels(y, what: str) -> np.ndarray:
+  """A 1-D integer label array in its own dtype (range-checked before any cast)."""
   y = np.asarray(y)
   if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f'{what} must be a 1-D integer label array, got {y.dtype} {y.shape}')
-  return y.astype(np.int32)
+  if y.size and (y.min() < 0 or y.max() >= _MAX_CLASSES):
+    raise ValueError(f'{what} labels must be class indices in [0, {_MAX_CLASSES}), got '
+                     f'[{y.min()}, {y.max()}] (they are stored as int32)')
+  return y
+
+
+def _inputs(x, what: str) -> np.ndarray:
+  """A numeric `[n, ...]` input array with finite values."""
+  x = np.asarray(x)
+  if x.ndim == 0:
+    raise ValueError(f'{what} must be an array [n, ...] with one row per example, got a '
+                     f'0-d array (a scalar)')
+  if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+    raise ValueError(f'{what} must be a numeric array, got dtype {x.dtype}')
+  if np.issubdtype(x.dtype, np.complexfloating):
+    raise ValueError(f'{what} must be real-valued, got dtype {x.dtype}')
+  if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    raise ValueError(f'{what} holds {bad} non-finite value(s) (NaN or Inf); clean or drop '
+                     'those examples first')
+  return x
 
 
 def load_npz(path: str, *, num_clients: int = 10, **options) -> FederatedData:
@@ -111,17 +148,55 @@ def load_npz(path: str, *, num_clients: int = 10, **options) -> FederatedData:
   if not path:
     raise ValueError("the 'npz' dataset needs path=<file.npz> holding "
                      f'{", ".join(NPZ_KEYS)}')
+  unknown = sorted(set(options) - set(NPZ_OPTIONS))
+  if unknown:
+    raise ValueError(f'unknown option(s) {", ".join(unknown)} for an npz dataset; valid: '
+                     f'{", ".join(NPZ_OPTIONS)}')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'npz file {path!r} not found (expected a .npz with '
                             f'{", ".join(NPZ_KEYS)})')
-  with np.load(path, allow_pickle=False) as f:
+  arrays = _read_npz(path)
+  try:
+    return from_arrays(*(arrays[k] for k in NPZ_KEYS), num_clients=num_clients,
+                       name=os.path.basename(path), **options)
+  except ValueError as e:
+    raise ValueError(f'npz file {path!r}: {e}') from e
+
+
+# Options of `from_arrays` that `load_npz` forwards.
+NPZ_OPTIONS = ('partition', 'alpha', 'shards_per_client', 'seed', 'method', 'num_classes')
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """The four arrays of an `.npz` archive; any unreadable content is a ValueError naming it."""
+  needs = f'needs an .npz archive holding {", ".join(NPZ_KEYS)} (np.savez(path, x_train=...))'
+  if os.path.getsize(path) == 0:
+    raise ValueError(f'npz file {path!r} is empty; it {needs}')
+  try:
+    loaded = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f'npz file {path!r} cannot be read ({type(e).__name__}: {e}); it '
+                     f'{needs}') from e
+  if not isinstance(loaded, np.lib.npyio.NpzFile):
+    raise ValueError(f'npz file {path!r} holds a single array (an .npy file), not an .npz '
+                     f'archive; it {needs}')
+  arrays = {}
+  with loaded as f:
     missing = [k for k in NPZ_KEYS if k not in f.files]
     if missing:
       raise ValueError(f'npz file {path!r} lacks {", ".join(missing)}; it has '
                        f'{", ".join(f.files) or "nothing"} (needs {", ".join(NPZ_KEYS)})')
-    arrays = {k: f[k] for k in NPZ_KEYS}
-  return from_arrays(*(arrays[k] for k in NPZ_KEYS), num_clients=num_clients,
-                     name=os.path.basename(path), **options)
+    for k in NPZ_KEYS:
+      try:
+        arrays[k] = f[k]
+      except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f'npz file {path!r}: array {k!r} cannot be read ({type(e).__name__}: '
+                         f'{e}); the file may be truncated or hold pickled objects') from e
+  for k in NPZ_KEYS:
+    if arrays[k].ndim == 0:
+      raise ValueError(f'npz file {path!r}: {k} is a 0-d array (a scalar); it must have one '
+                       'row per example')
+  return arrays
 
 
 

@@ -7,18 +7,39 @@ uneven split unassigned; they say so). All are seeded and deterministic.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+DIRICHLET_METHODS = ('per_class', 'per_client')
+
+
+def _is_integer(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _check(num_clients: int, n: int) -> None:
-  if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+  if not _is_integer(num_clients) or num_clients < 1:
     raise ValueError(f'num_clients must be a positive integer, got {num_clients!r}')
   if n < num_clients:
     raise ValueError(f'cannot split {n} examples among {num_clients} clients')
 
 
+def _check_labels(labels) -> np.ndarray:
+  """`labels` as a 1-D integer array, or a ValueError saying what was given."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f'labels must be a 1-D array [n] of integer class labels, got shape '
+                     f'{labels.shape} (one-hot labels: pass labels.argmax(axis=1))')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'labels must be integer class labels, got dtype {labels.dtype}')
+  return labels
+
+
 def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
   """Shuffles the examples and deals them into `num_clients` near-equal parts."""
+  if not _is_integer(num_examples) or num_examples < 0:
+    raise ValueError(f'num_examples must be a non-negative integer, got {num_examples!r}')
   _check(num_clients, num_examples)
   perm = np.random.default_rng(seed).permutation(num_examples)
   return [np.sort(part) for part in np.array_split(perm, num_clients)]
@@ -51,10 +72,18 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
     min_size: per_class only: minimum examples per client.
     max_tries: per_class only: redraws before giving up.
   """
-  labels = np.asarray(labels)
+  labels = _check_labels(labels)
   _check(num_clients, labels.shape[0])
-  if not alpha > 0:
-    raise ValueError(f'alpha must be > 0, got {alpha!r}')
+  if (not isinstance(alpha, (int, float, np.integer, np.floating)) or isinstance(alpha, bool)
+      or not math.isfinite(alpha) or not alpha > 0):
+    raise ValueError(f'alpha must be > 0, got {alpha!r} (a finite number; for the α → ∞ '
+                     "limit use the 'iid' partition)")
+  if method not in DIRICHLET_METHODS:
+    raise ValueError(f"method must be 'per_class' or 'per_client', got {method!r}")
+  if not _is_integer(min_size) or min_size < 0:
+    raise ValueError(f'min_size must be a non-negative integer, got {min_size!r}')
+  if not _is_integer(max_tries) or max_tries < 1:
+    raise ValueError(f'max_tries must be a positive integer, got {max_tries!r}')
   rng = np.random.default_rng(seed)
   classes = np.unique(labels)
   pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
@@ -73,7 +102,7 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
         return out
     raise ValueError(f'no per_class Dirichlet split with every client ≥ {min_size} examples '
                      f'after {max_tries} tries (alpha={alpha}); lower min_size or raise alpha')
-  if method == 'per_client':
+  else:  # method == 'per_client' (checked above)
     sizes = [len(s) for s in np.array_split(np.arange(labels.shape[0]), num_clients)]
     remaining = [list(p) for p in pools]
     out = []
@@ -89,7 +118,6 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
         mine.append(remaining[c].pop())
       out.append(np.sort(np.asarray(mine, np.int64)))
     return out
-  raise ValueError(f"method must be 'per_class' or 'per_client', got {method!r}")
 
 
 def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int,
@@ -105,9 +133,9 @@ def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int
   each, every client holds exactly one class: the seed report's extreme case.
   Every example is assigned exactly once.
   """
-  labels = np.asarray(labels)
+  labels = _check_labels(labels)
   _check(num_clients, labels.shape[0])
-  if not isinstance(shards_per_client, (int, np.integer)) or shards_per_client < 1:
+  if not _is_integer(shards_per_client) or shards_per_client < 1:
     raise ValueError(f'shards_per_client must be a positive integer, got {shards_per_client!r}')
   rng = np.random.default_rng(seed)
   num_shards = num_clients * shards_per_client

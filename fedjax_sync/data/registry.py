@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from fedjax_sync.data.federated import FederatedData
@@ -39,7 +40,33 @@ def _check(name: str) -> None:
 def load_dataset(name: str, **options) -> FederatedData:
   """Loads a registered dataset; `options` go to its loader (e.g. num_clients, seed)."""
   _check(name)
+  _check_options(name, options)
   return _DATASETS[name][0](**options)
+
+
+# Options every registered dataset accepts (the CLI and the studies pass them to any
+# dataset); a loader that downloads nothing ignores `data_dir`.
+COMMON_OPTIONS = ('num_clients', 'seed', 'data_dir')
+
+
+def dataset_options(name: str) -> list[str]:
+  """The keyword options `load_dataset(name, ...)` accepts."""
+  _check(name)
+  parameters = inspect.signature(_DATASETS[name][0]).parameters.values()
+  named = {p.name for p in parameters
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+  if any(p.kind == p.VAR_KEYWORD for p in parameters):
+    named |= set(COMMON_OPTIONS)
+  return sorted(named)
+
+
+def _check_options(name: str, options) -> None:
+  """A misspelt or foreign option (`partiton='iid'`) is an error, never silently dropped."""
+  valid = dataset_options(name)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(f'unknown option(s) {", ".join(map(repr, unknown))} for dataset {name!r}; '
+                     f'valid: {", ".join(valid)}')
 
 
 register_dataset(

@@ -58,9 +58,10 @@ def from_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 
   Args:
     x_train: `[n, ...]` training inputs.
-    y_train: `[n]` integer training labels.
+    y_train: `[n]` integer training labels, or `[n, T]` next-token targets of token
+      sequences `x_train [n, T]` (then only partition='iid' applies).
     x_test: `[m, ...]` global test inputs.
-    y_test: `[m]` integer test labels.
+    y_test: `[m]` integer test labels (`[m, T]` with sequences).
     num_clients: number of clients N.
     num_classes: number of classes (default: `max(label) + 1` over both splits).
     partition: 'iid', 'dirichlet' or 'shards' (see `partition_labels`).
@@ -94,6 +95,13 @@ def from_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
   y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
   if partition not in PARTITIONS:
     raise ValueError(f'unknown partition {partition!r}; valid: {", ".join(PARTITIONS)}')
+  if y_train.ndim == 2 and partition != 'iid':
+    raise ValueError(f'token-sequence labels y [n, T] {y_train.shape} have no class per example '
+                     f"to skew by; partition {partition!r} needs [n] labels, use partition='iid'")
+  if y_train.ndim == 2 and (y_train.shape != x_train.shape or y_test.shape != x_test.shape):
+    raise ValueError(f'token sequences need x and y of the same shape [n, T], got x_train '
+                     f'{x_train.shape}, y_train {y_train.shape}, x_test {x_test.shape}, y_test '
+                     f'{y_test.shape}')
   parts = partition_labels(y_train, num_clients, partition=partition, alpha=alpha,
                            shards_per_client=shards_per_client, seed=seed, method=method)
   detail = {'iid': 'iid', 'dirichlet': f'dirichlet α={alpha:g}',
@@ -109,10 +117,12 @@ _MAX_CLASSES = 2**31 - 1
 
 
 def _labels(y, what: str) -> np.ndarray:
-  """A 1-D integer label array in its own dtype (range-checked before any cast)."""
+  """Integer labels `[n]`, or token targets `[n, T]`, in their own dtype (range-checked
+  before any cast)."""
   y = np.asarray(y)
-  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f'{what} must be a 1-D integer label array, got {y.dtype} {y.shape}')
+  if y.ndim not in (1, 2) or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f'{what} must be integer labels [n] or token sequences [n, T], got '
+                     f'{y.dtype} {y.shape}')
   if y.size and (y.min() < 0 or y.max() >= _MAX_CLASSES):
     raise ValueError(f'{what} labels must be class indices in [0, {_MAX_CLASSES}), got '
                      f'[{y.min()}, {y.max()}] (they are stored as int32)')

@@ -139,3 +139,7 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int) -> Model:
 
 from fedjax_sync.models.lenet import lenet5  # noqa: E402  (lenet builds on _classifier above)
 MODELS['lenet5'] = lenet5
+
+from fedjax_sync.models.sequence import (causal_transformer, char_lstm,  # noqa: E402
+                                         word_lstm)
+MODELS.update(char_lstm=char_lstm, causal_transformer=causal_transformer, word_lstm=word_lstm)

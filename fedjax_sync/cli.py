@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   run = sub.add_parser('run', help='run one algorithm, or a study with --config')
   run.add_argument('--algorithm', default='fedavg', choices=algorithm_names())
-  run.add_argument('--dataset', default=None, choices=dataset_names(),
-                   help="default: synthetic (with --config: the study's own)")
+  run.add_argument('--dataset', default=None, type=_dataset, metavar='NAME|PATH',
+                   help=f"{', '.join(dataset_names())}, or a LEAF/TFF/FedJAX/IDX file or "
+                        "directory (default: synthetic; with --config: the study's own)")
   run.add_argument('--model', default=None, choices=sorted(MODELS),
                    help="default: the dataset's usual model")
   run.add_argument('--num-clients', type=_positive_int, default=30, help='population size N')
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--seeds', type=_positive_int, default=None,
                    help="with --config: number of seeds (default: the study's)")
   run.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
+  run.add_argument('--data-path', default=None, metavar='DIR',
+                   help="IDX directory for --dataset idx or fashion_mnist")
+  inspect = sub.add_parser('inspect', help='clients, examples, features and client sizes of '
+                                           'a dataset (a registered name or a file)')
+  inspect.add_argument('dataset', type=_dataset, metavar='NAME|PATH')
+  inspect.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
+  inspect.add_argument('--data-path', default=None, metavar='DIR', help='IDX directory')
 
   bench = sub.add_parser('bench', help='time FedAvg rounds per execution strategy '
                                        '(experiments/benchmark.py)')
@@ -131,6 +139,26 @@ def _make_run_dir(path: str | None, name: str) -> str:
   return path
 
 
+def _dataset(text: str) -> str:
+  from fedjax_sync.data.files import dataset_argument
+  try:
+    return dataset_argument(text)
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _inspect(args) -> int:
+  from fedjax_sync.data.files import inspect
+  print('\n'.join(inspect(args.dataset, data_dir=args.data_dir, **_data_path(args))))
+  return 0
+
+
+def _data_path(args) -> dict:
+  """`--data-path` as a loader option, only when given (other datasets reject it)."""
+  path = getattr(args, 'data_path', None)
+  return {'data_path': path} if path else {}
+
+
 def _run(args) -> int:
   import fedjax_sync as fs
   from fedjax_sync.data.registry import default_model, load_dataset
@@ -144,7 +172,7 @@ def _run(args) -> int:
     args.dataset = 'synthetic'
 
   data = load_dataset(args.dataset, num_clients=args.num_clients, seed=args.seed,
-                      data_dir=getattr(args, 'data_dir', None))
+                      data_dir=getattr(args, 'data_dir', None), **_data_path(args))
   model_name = args.model or default_model(args.dataset)
   input_shape = data.train['x'].shape[1:]
   model = fs.models.get_model(model_name, input_shape, data.num_classes)
@@ -316,7 +344,7 @@ def main(argv=None) -> int:
   command = args.command or 'demo'
   try:
     return {'demo': _demo, 'list': _list, 'run': _run, 'bench': _bench,
-            'plot': _plot}[command](args)
+            'plot': _plot, 'inspect': _inspect}[command](args)
   except (ValueError, FileNotFoundError) as e:
     print(f'fedjax-sync: error: {e}', file=sys.stderr)
     return USAGE_ERROR

@@ -28,17 +28,32 @@ def dataset_descriptions() -> dict[str, str]:
 
 
 def default_model(name: str) -> str:
+  if _is_path(name):
+    from fedjax_sync.data.files import default_model_for_path
+    return default_model_for_path(name)
   _check(name)
   return _DATASETS[name][2]
 
 
+def _is_path(name: str) -> bool:
+  from fedjax_sync.data.files import looks_like_path
+  return name not in _DATASETS and looks_like_path(name)
+
+
 def _check(name: str) -> None:
   if name not in _DATASETS:
-    raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(dataset_names())}')
+    raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(dataset_names())}, or the '
+                     'path of a LEAF/TFF/FedJAX/IDX dataset file or directory')
 
 
 def load_dataset(name: str, **options) -> FederatedData:
-  """Loads a registered dataset; `options` go to its loader (e.g. num_clients, seed)."""
+  """Loads a registered dataset, or a dataset file by path (`fedjax_sync.data.files`).
+
+  `options` go to its loader (e.g. num_clients, seed).
+  """
+  if _is_path(name):
+    from fedjax_sync.data.files import load_path
+    return load_path(name, **options)
   _check(name)
   _check_options(name, options)
   return _DATASETS[name][0](**options)
@@ -123,10 +138,32 @@ register_dataset('digits', _digits,
 register_dataset('npz', _npz, 'a local .npz (x_train, y_train, x_test, y_test; path=)', 'mlp')
 
 
+def _idx(data_path=None, num_clients=10, seed=0, partition='dirichlet', alpha=0.5,
+         shards_per_client=1, method='per_class', **_):
+  from fedjax_sync.data.idx import idx_dataset
+  return idx_dataset(data_path, num_clients, partition=partition, alpha=alpha,
+                     shards_per_client=shards_per_client, seed=seed, method=method)
+
+
+def _fashion_mnist(num_clients=10, seed=0, partition='dirichlet', alpha=0.5,
+                   shards_per_client=1, method='per_class', data_dir=None, data_path=None, **_):
+  from fedjax_sync.data.idx import fashion_mnist
+  return fashion_mnist(num_clients, data_path=data_path, data_dir=data_dir, partition=partition,
+                       alpha=alpha, shards_per_client=shards_per_client, seed=seed,
+                       method=method)
+
+
+register_dataset('idx', _idx, 'a directory of MNIST-format IDX files (--data-path DIR)', 'mlp')
+
+
 def _register_tfds():
   from fedjax_sync.data.tfds import TFDS_DATASETS
   for key, spec in TFDS_DATASETS.items():
-    register_dataset(key, _tfds_loader(key), spec.description, spec.model)
+    if key == 'fashion_mnist':  # TFDS copy if prepared, else the IDX files (Debian's)
+      register_dataset(key, _fashion_mnist, 'Fashion-MNIST 28×28 (TFDS, else IDX files: Debian '
+                       "'dataset-fashion-mnist' or --data-path)", spec.model)
+    else:
+      register_dataset(key, _tfds_loader(key), spec.description, spec.model)
 
 
 _register_tfds()

@@ -56,7 +56,8 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
         alphas: Sequence[float] | None = None, rounds: int | None = None,
         local_epochs: int | None = None, batch_size: int = 128,
         client_lr: Sequence[float] = (0.001, 0.1), sam_rho: float = 0.001,
-        sagm_alpha: float = 0.01, data_dir: str | None = None) -> dict:
+        sagm_alpha: float = 0.01, data_dir: str | None = None,
+        model: str | None = None) -> dict:
   """Runs the comparison; returns the final test accuracy (mean over seeds) per run.
 
   Args:
@@ -75,8 +76,11 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
     sam_rho: ρ of FedSAM and FedSAGM (seed report: 0.001).
     sagm_alpha: α of FedSAGM (seed report: 0.01).
     data_dir: TFDS data directory (for 'mnist').
+    model: registered model name (default: each dataset's usual model; e.g. 'mlp'
+      on fashion_mnist, whose usual CNN is too slow for a shared CPU).
   """
   num_seeds = seeds or (2 if quick else 3)
+  model_name = model
   rounds = rounds or (2 if quick else 3)
   epochs = local_epochs or (1 if quick else 20)
   alphas = tuple(alphas or ((0.1,) if quick else ALPHAS))
@@ -103,15 +107,16 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
       'partition_seed': 0, 'rounds': rounds, 'local_epochs': epochs, 'batch_size': batch_size,
       'client_lr': lrs, 'client_optimizer': 'sgd', 'server': 'each algorithm default (lr 1)',
       'sam_rho': sam_rho, 'sagm_alpha': sagm_alpha, 'seeds': list(range(num_seeds)),
-      'sharpness_rho': SHARPNESS_RHO, 'quick': quick, 'seed_mnist': SEED_MNIST})
+      'sharpness_rho': SHARPNESS_RHO, 'quick': quick, 'seed_mnist': SEED_MNIST,
+      'model': model_name or {ds: registry.default_model(ds) for ds in datasets}})
 
   table, headline, all_rows, timings = [], {}, [], {}
   for ds in datasets:
     for alpha in alphas:
       data = registry.load_dataset(ds, num_clients=5, seed=0, partition='dirichlet',
                                    alpha=float(alpha), data_dir=data_dir)
-      model = fs.models.get_model(registry.default_model(ds), data.train['x'].shape[1:],
-                                  data.num_classes)
+      model = fs.models.get_model(model_name or registry.default_model(ds),
+                                  data.train['x'].shape[1:], data.num_classes)
       config = fs.SimulationConfig(num_rounds=rounds, clients_per_round=data.num_clients,
                                    local_work=fs.LocalWork(batch_size=batch_size, epochs=epochs),
                                    eval_every=1)

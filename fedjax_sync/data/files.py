@@ -158,7 +158,7 @@ def describe(data: FederatedData) -> list[str]:
 
 # Usual model of each kind of converted data (`fedjax_sync.data.examples`).
 KIND_MODELS = {'emnist': 'emnist_cnn', 'shakespeare': 'char_lstm',
-               'stackoverflow': 'word_lstm', 'sent140': 'word_lstm', 'arrays': 'mlp'}
+               'stackoverflow': 'word_lstm', 'sent140': None, 'arrays': 'mlp'}
 
 
 def default_model_for_path(path: str) -> str:
@@ -170,10 +170,18 @@ def default_model_for_path(path: str) -> str:
   try:
     stream, _ = _stream(path, fmt)
     for _, features in stream('train'):
-      return KIND_MODELS[converter_for(features.keys()).kind]
+      kind = converter_for(features.keys()).kind
+      break
+    else:
+      kind = None
   except Exception as error:  # noqa: BLE001 - see load_path
     raise ValueError(f'{path}: malformed {fmt} file: {_one_line(error)}') from None
-  raise ValueError(f'{path}: the training split has no clients')
+  if kind is None:
+    raise ValueError(f'{path}: the training split has no clients')
+  if KIND_MODELS[kind] is None:
+    raise ValueError(f'{path}: no registered model classifies {kind} token sequences yet; '
+                     'pass --model explicitly')
+  return KIND_MODELS[kind]
 
 
 def inspect(name_or_path: str, **options) -> list[str]:

@@ -64,11 +64,15 @@ class Algorithm(NamedTuple):
     round: `round(state, client_batch, key) -> (state, metrics)`; jit-compilable,
       metrics are arrays (scalars or `[C]` per-client values).
     name: a human-readable name.
+    num_clients: the population N the algorithm was built for (its per-client
+      state is `[N, ...]`), or None when it keeps none; the drivers check it
+      against the data's number of clients.
   """
 
   init: Callable[[Params], ServerState]
   round: Callable[[ServerState, ClientBatch, jax.Array], tuple[ServerState, Metrics]]
   name: str = 'algorithm'
+  num_clients: int | None = None
 
 
 class PerExampleLoss(Protocol):

@@ -6,12 +6,18 @@ value and what is expected, instead of a run that silently learns the wrong thin
 
 import zipfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import fedjax_sync as fs
 from fedjax_sync.data import (dirichlet_partition, from_arrays, from_client_indices, load_npz,
                               shard_partition)
 from fedjax_sync.data import registry
+from fedjax_sync.simulate import AsyncConfig, constant_times, make_clock, registered_algorithm
+from fedjax_sync.simulate.multihost import MultiHostSimulator
 
 
 def _arrays(n=40, m=10, classes=3, seed=0):
@@ -190,3 +196,123 @@ def test_dirichlet_rejects_2d_labels_and_infinite_alpha_up_front():
     shard_partition(labels[:, None], 3, 1, seed=0)
   with pytest.raises(ValueError, match='num_clients must be a positive integer, got True'):
     dirichlet_partition(labels, True, 0.5, seed=0)
+
+
+
+# ------------------------------------------------------------------ populations and API
+
+
+NUM_CLIENTS = 20
+DATA = from_arrays(*_arrays(n=200, m=20, classes=3, seed=1), num_clients=NUM_CLIENTS,
+                   partition='iid')
+MODEL = fs.models.logistic_regression((2,), 3)
+WORK = fs.LocalWork(batch_size=4, steps=2)
+CONFIG = fs.SimulationConfig(num_rounds=2, clients_per_round=4, local_work=WORK, eval_every=2)
+POPULATION = r'{} clients, but the data has 20 clients; build the algorithm with ' \
+             r'num_clients=data.num_clients \(20\)'
+
+
+@pytest.mark.parametrize('driver', ['Simulator', 'MultiHostSimulator'])
+def test_scaffold_built_for_another_population_is_refused(driver):
+  algorithm = fs.scaffold(MODEL.loss, 0.1, num_clients=5)
+  if driver == 'Simulator':
+    make = lambda a: fs.Simulator(a, MODEL, DATA, CONFIG)
+  else:
+    execution = fs.ClientExecution(mesh=fs.client_mesh())
+    make = lambda a: MultiHostSimulator(a, MODEL, DATA, CONFIG, execution=execution)
+  with pytest.raises(ValueError, match="'scaffold' was built with num_clients = " +
+                     POPULATION.format(5)):
+    make(algorithm)
+  # Without the declared size, the per-client state's leading axis gives it away.
+  undeclared = algorithm._replace(num_clients=None)
+  simulator = make(undeclared)
+  with pytest.raises(ValueError, match=r"keeps per-client state \(client_states\[.*"
+                     r'of shape \(5, [0-9, ]+\)\) for ' + POPULATION.format(5)):
+    simulator.init()
+
+
+def test_fed_qs_built_for_another_population_is_refused():
+  clock = make_clock(constant_times(NUM_CLIENTS))
+  config = AsyncConfig(num_aggregations=2, buffer_size=4, local_work=WORK)
+  with pytest.raises(ValueError, match="'fedqs-sgd' was built with num_clients = " +
+                     POPULATION.format(100)):
+    fs.SemiAsyncSimulator(fs.fed_qs_sgd(MODEL.loss, num_clients=100), MODEL, DATA, clock,
+                          config)
+
+
+def test_aggregator_state_population_is_checked_through_the_declared_size():
+  aggregator = fs.chain(fs.aggregators.top_k(fraction=0.5), fs.weighted_mean())
+  algorithm = fs.fed_avg(MODEL.loss, optax.sgd(0.1), aggregator=aggregator, num_clients=5)
+  with pytest.raises(ValueError, match=POPULATION.format(5)):
+    fs.Simulator(algorithm, MODEL, DATA, CONFIG)
+
+
+def test_sweep_checks_the_population():
+  build = registered_algorithm('scaffold', MODEL.loss, num_clients=5)
+  sweep = fs.Sweep(build, MODEL, DATA, CONFIG, seeds=[0])
+  with pytest.raises(ValueError, match=POPULATION.format(5)):
+    sweep.init()
+
+
+def test_async_algorithm_given_to_simulator_names_the_right_driver():
+  with pytest.raises(ValueError, match=r"'fedbuff' is a semi-asynchronous algorithm.*"
+                                       r'SemiAsyncSimulator\(algorithm, model, data, clock'):
+    fs.Simulator(fs.fed_buff(MODEL.loss, optax.sgd(0.1)), MODEL, DATA, CONFIG)
+  clock = make_clock(constant_times(NUM_CLIENTS))
+  config = AsyncConfig(num_aggregations=2, buffer_size=4, local_work=WORK)
+  with pytest.raises(ValueError, match=r'SemiAsyncSimulator needs an AsyncAlgorithm.*'
+                                       r'run it with Simulator'):
+    fs.SemiAsyncSimulator(fs.fed_avg(MODEL.loss, optax.sgd(0.1)), MODEL, DATA, clock, config)
+
+
+def test_scaffold_without_num_clients_names_the_fix():
+  with pytest.raises(ValueError, match=r'needs num_clients.*num_clients=data.num_clients'):
+    fs.scaffold(MODEL.loss, 0.1)
+  with pytest.raises(ValueError, match=r'needs num_clients.*num_clients=data.num_clients'):
+    fs.build_algorithm('scaffold', MODEL.loss, fs.Hyperparameters())
+
+
+@pytest.mark.parametrize('algorithm,name', [('fedprox', 'mu'), ('fedavg', 'client_momentum')])
+def test_sweep_over_an_untraceable_hyperparameter_names_it(algorithm, name):
+  build = registered_algorithm(algorithm, MODEL.loss)
+  sweep = fs.Sweep(build, MODEL, DATA, CONFIG, seeds=[0],
+                   hyperparameters={name: [0.1, 0.5], 'client_learning_rate': [0.1]})
+  with pytest.raises(ValueError, match=rf"cannot sweep '{name}' in one compiled program.*"
+                                       rf"one Sweep \(or Simulator\) per value of '{name}'"):
+    sweep.run(sweep.init())
+
+
+def test_sweep_rejects_non_numeric_values():
+  build = registered_algorithm('scaffold', MODEL.loss, num_clients=NUM_CLIENTS)
+  with pytest.raises(ValueError, match=r"hyperparameter 'scaffold_option': swept values must be "
+                                       r"numbers, got 'I'"):
+    fs.Sweep(build, MODEL, DATA, CONFIG, seeds=[0], hyperparameters={'scaffold_option': ['I']})
+
+
+# --------------------------------------------------------------------- per-example losses
+
+
+def _mean_loss(params, batch, key):
+  return jnp.mean(MODEL.loss(params, batch, key))
+
+
+@pytest.mark.parametrize('build', [
+    lambda loss: fs.fed_avg(loss, optax.sgd(0.1)),
+    lambda loss: fs.fed_sgd(loss),
+    lambda loss: fs.scaffold(loss, 0.1, num_clients=NUM_CLIENTS),
+], ids=['fedavg', 'fedsgd', 'scaffold'])
+def test_a_loss_returning_a_scalar_is_an_error_when_traced(build):
+  simulator = fs.Simulator(build(_mean_loss), MODEL, DATA, CONFIG)
+  with pytest.raises(ValueError, match=r'must return per-example losses of shape \[B\] = '
+                                       r'\(4,\).*got shape \(\) \(a scalar.*without \.mean'):
+    simulator.run(simulator.init(), progress=False)
+
+
+def test_local_step_checks_the_loss_shape():
+  step = fs.make_local_step(lambda p, b, k: b['x'] @ p, optax.sgd(0.1))
+  batch = {'x': jnp.ones((3, 2))}
+  params = jnp.zeros((2,))
+  step(params, optax.sgd(0.1).init(params), batch, jnp.ones((3,), bool), jax.random.key(0))
+  bad = fs.make_local_step(lambda p, b, k: b['x'] * p[None], optax.sgd(0.1))  # [B, 2]
+  with pytest.raises(ValueError, match=r'got shape \(3, 2\)'):
+    bad(params, optax.sgd(0.1).init(params), batch, jnp.ones((3,), bool), jax.random.key(0))

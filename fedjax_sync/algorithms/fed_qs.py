@@ -309,7 +309,7 @@ def fed_qs(loss_fn: Callable, *, aggregation: str = 'sgd', num_clients: int,
     return state._replace(params=params, client_states=new_clients), metrics
 
   return AsyncAlgorithm(init=init, client_inputs=client_inputs, client_update=client_update,
-                        server_update=server_update, name=name)
+                        server_update=server_update, name=name, num_clients=num_clients)
 
 
 def fed_qs_sgd(loss_fn: Callable, *, num_clients: int, **kwargs) -> AsyncAlgorithm:

@@ -16,6 +16,7 @@ import optax
 from fedjax_sync.aggregators.base import Aggregator
 from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm
 from fedjax_sync.clients.execution import ClientExecution
+from fedjax_sync.clients.local import check_per_example_losses
 from fedjax_sync.types import Algorithm
 
 
@@ -31,6 +32,7 @@ def full_batch_gradient_update(loss_fn: Callable):
       k = jax.random.fold_in(key, s)
       def total(p):
         losses = loss_fn(p, batch, k)
+        check_per_example_losses(losses, m)
         return jnp.sum(jnp.where(m, losses, jnp.zeros_like(losses)))
       loss, grads = jax.value_and_grad(total)(server_params)
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)

@@ -75,7 +75,8 @@ def federated_algorithm(client_update: ClientUpdate, *,
   aggregator = validate_aggregator(aggregator if aggregator is not None else weighted_mean())
   execution = execution.validate()
   if init_client_state is not None and num_clients is None:
-    raise ValueError(f'{name} keeps per-client state and needs num_clients (the population size)')
+    raise ValueError(f'{name} keeps per-client state and needs num_clients, the population '
+                     'size: pass num_clients=data.num_clients')
 
   def init(params: Params) -> ServerState:
     client_states = ()
@@ -153,7 +154,7 @@ def federated_algorithm(client_update: ClientUpdate, *,
     new_state = state._replace(params=new_params, opt_state=opt_state, round=state.round + 1)
     return new_state, metrics
 
-  return Algorithm(init=init, round=round_fn, name=name)
+  return Algorithm(init=init, round=round_fn, name=name, num_clients=num_clients)
 
 
 def _shared_metrics(client_metrics: dict, batch: ClientBatch, aggregate: Params,

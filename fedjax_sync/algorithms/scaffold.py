@@ -122,7 +122,7 @@ def _update_control(extra: ScaffoldExtra, control_deltas, batch, num_clients) ->
   return ScaffoldExtra(control=tree_lib.tree_add(extra.control, step))
 
 
-def scaffold(loss_fn: Callable, learning_rate: float, *, num_clients: int,
+def scaffold(loss_fn: Callable, learning_rate: float, *, num_clients: int | None = None,
              server_learning_rate: float = 1.0, option: str = 'II', momentum: float = 0.0,
              aggregator: Aggregator | None = None,
              server_optimizer: optax.GradientTransformation | None = None,
@@ -139,7 +139,8 @@ def scaffold(loss_fn: Callable, learning_rate: float, *, num_clients: int,
   Args:
     loss_fn: per-example loss `(params, batch, key) -> [B]`.
     learning_rate: local step size η_l (local optimizer: SGD, optionally momentum).
-    num_clients: population size N (the c update scales by |S|/N).
+    num_clients: population size N (the c update scales by |S|/N); required, and
+      the drivers check it against the data's number of clients.
     server_learning_rate: η_g (default 1); the server optimizer is `sgd(η_g)`.
     option: 'II' (default, cheap) or 'I' (extra gradient pass at w).
     momentum: local heavy-ball momentum; K becomes the effective step count.
@@ -150,7 +151,11 @@ def scaffold(loss_fn: Callable, learning_rate: float, *, num_clients: int,
     reset_client_control: the seed report's "modified SCAFFOLD" (`scaffold_modified`).
     name: the algorithm's name.
   """
-  if not isinstance(num_clients, int) or num_clients < 1:
+  if num_clients is None:
+    raise ValueError('SCAFFOLD keeps a control variate per client and needs num_clients, the '
+                     'population size: scaffold(loss_fn, learning_rate, '
+                     'num_clients=data.num_clients)')
+  if not isinstance(num_clients, int) or isinstance(num_clients, bool) or num_clients < 1:
     raise ValueError(f'SCAFFOLD needs num_clients (population size) ≥ 1, got {num_clients!r}')
   if name is None:
     name = 'scaffold_modified' if reset_client_control else 'scaffold'

@@ -29,8 +29,26 @@ class StepMetrics(NamedTuple):
   num_examples: jax.Array
 
 
+def check_per_example_losses(losses, mask) -> None:
+  """Raises unless a loss returned one value per example: `losses.shape == mask.shape`.
+
+  Checked while tracing (shapes are static), so it costs nothing at run time. A loss
+  that returns its batch mean (a scalar) would make every padded example count as
+  real: masking would silently stop working.
+  """
+  shape = jnp.shape(losses)
+  if shape != jnp.shape(mask):
+    hint = (' (a scalar: the loss already averaged the batch; return the per-example '
+            'losses instead, e.g. without .mean(): the engine masks padded examples and '
+            'averages)' if shape == () else '')
+    raise ValueError(f'loss_fn(params, batch, key) must return per-example losses of shape '
+                     f'[B] = {tuple(jnp.shape(mask))}, matching the batch mask; got shape '
+                     f'{tuple(shape)}{hint}')
+
+
 def masked_mean(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Mean of `values [B]` over `mask [B]` and the count of real entries."""
+  check_per_example_losses(values, mask)
   count = jnp.sum(mask.astype(values.dtype))
   total = jnp.sum(jnp.where(mask, values, jnp.zeros_like(values)))
   return total / jnp.maximum(count, 1), count
@@ -89,7 +107,7 @@ def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   def step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None):
     def objective(p):
       losses, state = split_loss_output(loss_fn(p, batch, key))
-      loss, count = masked_mean(losses, mask)
+      loss, count = masked_mean(losses, mask)  # checks that losses are [B]
       return loss, (count, state)
 
     (loss, (count, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)

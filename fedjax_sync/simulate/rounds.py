@@ -26,6 +26,7 @@ from fedjax_sync.data.batching import (LocalWork, make_client_batch, pad_clients
                                        to_device)
 from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.evaluation import make_evaluator
+from fedjax_sync.simulate.population import check_population, check_synchronous
 from fedjax_sync.types import Algorithm, Params, ServerState
 
 
@@ -117,6 +118,8 @@ class Simulator:
 
   def __init__(self, algorithm: Algorithm, model, data: FederatedData, config: SimulationConfig,
                *, execution: ClientExecution = ClientExecution()):
+    check_synchronous(algorithm, type(self).__name__)
+    check_population(algorithm, data.num_clients)
     self.algorithm = algorithm
     self.model = model
     self.data = data
@@ -138,7 +141,9 @@ class Simulator:
     """The initial server state; params from the model with key `fold_in(seed_key, -1)`."""
     if params is None:
       params = self.model.init(jax.random.fold_in(self._run_key, 2**31 - 1))
-    return self.algorithm.init(params)
+    state = self.algorithm.init(params)
+    check_population(self.algorithm, self.data.num_clients, state.client_states)
+    return state
 
   def round_key(self, round_index) -> jax.Array:
     return jax.random.fold_in(self._run_key, round_index)
@@ -155,6 +160,7 @@ class Simulator:
   def _block(self, state: ServerState, length: int) -> Callable:
     """The compiled program of `length` consecutive rounds (compiled once per length)."""
     if length not in self._blocks:
+      check_population(self.algorithm, self.data.num_clients, state.client_states)
       def run_block(state, start):
         def body(s, r):
           batch, key = self.sample_round(r)

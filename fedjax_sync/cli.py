@@ -245,6 +245,8 @@ def _list(args) -> int:
     if k in TFDS_DATASETS:
       v += (' [prepared]' if is_prepared(k, args.data_dir) else
             f' [not prepared; run: {prepare_command(k, args.data_dir)}]')
+      if k == 'fashion_mnist':
+        v += _idx_status()
     print(f'  {k:24s} {v}')
   print('models:')
   for k in sorted(MODELS):
@@ -253,6 +255,13 @@ def _list(args) -> int:
   for k, v in algorithm_descriptions().items():
     print(f'  {k:24s} {v}')
   return 0
+
+
+def _idx_status() -> str:
+  from fedjax_sync.data.idx import FASHION_MNIST_DEBIAN_DIR, FASHION_MNIST_INSTALL
+  if os.path.isdir(FASHION_MNIST_DEBIAN_DIR):
+    return f' [IDX files in {FASHION_MNIST_DEBIAN_DIR}]'
+  return f' [no IDX files; offline: {FASHION_MNIST_INSTALL}]'
 
 
 def _load_study(path: str):

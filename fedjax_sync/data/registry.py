@@ -164,7 +164,8 @@ def _fashion_mnist(num_clients=10, seed=0, partition='dirichlet', alpha=0.5,
                        method=method)
 
 
-register_dataset('idx', _idx, 'a directory of MNIST-format IDX files (--data-path DIR)', 'mlp')
+register_dataset('idx', _idx, 'a directory of MNIST-format IDX files (--data-path DIR)',
+                 'emnist_cnn')
 
 
 def _register_tfds():

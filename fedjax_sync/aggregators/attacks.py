@@ -58,8 +58,8 @@ def _attack(factor: float, name: str, **who) -> Aggregator:
     num = jax.tree.leaves(updates)[0].shape[0]
     attacking = attacker_mask(num, **who)
     present = float_weights(weights, updates) > 0
-    scales = jnp.where(attacking, jnp.float32(factor), jnp.float32(1.0))
-    count = jnp.sum((attacking & present).astype(jnp.int32))
+    scales = jnp.where(attacking, float(factor), 1.0)  # weak: the updates' dtype
+    count = jnp.sum(attacking & present, dtype=jnp.int32)
     return tree_lib.client_scale(updates, scales), MetricsState({'num_attackers': count})
 
   return Aggregator(init, apply, TRANSFORM, name)

@@ -12,16 +12,16 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import TRANSFORM, Aggregator
+from fedjax_sync.aggregators.base import TRANSFORM, Aggregator, compute_dtype
 from fedjax_sync.aggregators.reduce import (MetricsState, check_positive, clip_factors,
                                             float_weights)
 
 __all__ = ['AdaptiveClipState', 'adaptive_clip', 'clip_by_norm', 'zero_invalid_updates']
 
 
-def _present_fraction(flags, present):
-  p = present.astype(jnp.float32)
-  return jnp.sum(p * flags.astype(jnp.float32)) / jnp.maximum(jnp.sum(p), 1.0)
+def _present_fraction(flags, present, dtype=jnp.float32):
+  p = present.astype(dtype)
+  return jnp.sum(p * flags.astype(dtype)) / jnp.maximum(jnp.sum(p), 1.0)
 
 
 def clip_by_norm(clip_norm: float) -> Aggregator:
@@ -40,17 +40,17 @@ def clip_by_norm(clip_norm: float) -> Aggregator:
   check_positive('clip_norm', clip_norm)
 
   def init(params, num_clients=None):
-    del params, num_clients
+    del num_clients
     return MetricsState({'clipped_fraction': jnp.zeros((), jnp.float32),
-                         'mean_norm': jnp.zeros((), jnp.float32)})
+                         'mean_norm': jnp.zeros((), compute_dtype(params))})
 
   def apply(updates, weights, state, key=None, client_ids=None):
     del state, key, client_ids
     present = float_weights(weights, updates) > 0
-    sq = tree_lib.client_sq_norms(updates).astype(jnp.float32)
+    sq = tree_lib.client_sq_norms(updates).astype(compute_dtype(updates))
     factors = clip_factors(sq, clip_norm)
     metrics = {'clipped_fraction': _present_fraction(factors < 1.0, present),
-               'mean_norm': _present_fraction(jnp.sqrt(sq), present)}
+               'mean_norm': _present_fraction(jnp.sqrt(sq), present, sq.dtype)}
     return tree_lib.client_scale(updates, factors), MetricsState(metrics)
 
   return Aggregator(init, apply, TRANSFORM, f'clip_by_norm({clip_norm:g})')
@@ -93,29 +93,31 @@ def adaptive_clip(initial_clip_norm: float = 0.1, target_quantile: float = 0.5,
     raise ValueError(f'target_quantile must be in [0, 1], got {target_quantile!r}')
 
   def init(params, num_clients=None):
-    del params, num_clients
-    zero = jnp.zeros((), jnp.float32)
-    return AdaptiveClipState(jnp.asarray(initial_clip_norm, jnp.float32),
+    del num_clients
+    dtype = compute_dtype(params)
+    zero = jnp.zeros((), dtype)
+    return AdaptiveClipState(jnp.asarray(initial_clip_norm, dtype),
                              {'clip_norm': zero, 'unclipped_fraction': zero,
                               'clipped_fraction': zero})
 
   def apply(updates, weights, state, key=None, client_ids=None):
     del client_ids
     present = float_weights(weights, updates) > 0
-    count = jnp.sum(present.astype(jnp.float32))
     clip = state.clip_norm
-    sq = tree_lib.client_sq_norms(updates).astype(jnp.float32)
+    dtype = clip.dtype
+    count = jnp.sum(present.astype(dtype))
+    sq = tree_lib.client_sq_norms(updates).astype(dtype)
     factors = clip_factors(sq, clip)
-    unclipped = jnp.sum(present.astype(jnp.float32) * (jnp.sqrt(sq) <= clip))
+    unclipped = jnp.sum(present.astype(dtype) * (jnp.sqrt(sq) <= clip))
     if count_noise_std > 0:
       if key is None:
         raise ValueError('adaptive_clip with count_noise_std > 0 needs a key')
-      unclipped = unclipped + count_noise_std * jax.random.normal(key, (), jnp.float32)
+      unclipped = unclipped + count_noise_std * jax.random.normal(key, (), dtype)
     fraction = unclipped / jnp.maximum(count, 1.0)
     new_clip = jnp.where(count > 0, clip * jnp.exp(-learning_rate * (fraction - target_quantile)),
                          clip)
     metrics = {'clip_norm': clip, 'unclipped_fraction': fraction,
-               'clipped_fraction': _present_fraction(factors < 1.0, present)}
+               'clipped_fraction': _present_fraction(factors < 1.0, present, dtype)}
     return tree_lib.client_scale(updates, factors), AdaptiveClipState(new_clip, metrics)
 
   return Aggregator(init, apply, TRANSFORM, f'adaptive_clip(q={target_quantile:g})')
@@ -147,10 +149,10 @@ def zero_invalid_updates(max_norm: float | None = None) -> Aggregator:
               for x in jax.tree.leaves(updates)]
     bad = ~jnp.stack(finite).all(axis=0)
     if max_norm is not None:
-      sq = tree_lib.client_sq_norms(updates).astype(jnp.float32)
+      sq = tree_lib.client_sq_norms(updates).astype(compute_dtype(updates))
       bad = bad | ~(sq <= max_norm ** 2)
     out = tree_lib.client_where(~bad, updates, tree_lib.tree_zeros_like(updates))
-    return out, MetricsState({'zeroed_count': jnp.sum((bad & present).astype(jnp.int32))})
+    return out, MetricsState({'zeroed_count': jnp.sum(bad & present, dtype=jnp.int32)})
 
   name = 'zero_invalid_updates' if max_norm is None else f'zero_invalid_updates({max_norm:g})'
   return Aggregator(init, apply, TRANSFORM, name)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import TRANSFORM, Aggregator
+from fedjax_sync.aggregators.base import TRANSFORM, Aggregator, compute_dtype
 from fedjax_sync.aggregators.reduce import MetricsState, float_weights
 
 __all__ = ['TopKState', 'client_keys', 'random_k', 'stochastic_quantize', 'top_k']
@@ -73,16 +73,17 @@ def stochastic_quantize(levels: int) -> Aggregator:
   def apply(updates, weights, state, key=None, client_ids=None):
     del weights
     keys = client_keys(key, client_ids, _num_clients(updates))
-    norms = jnp.sqrt(tree_lib.client_sq_norms(updates).astype(jnp.float32))
+    dtype = compute_dtype(updates)  # float32 draws decide ξ in every dtype
+    norms = jnp.sqrt(tree_lib.client_sq_norms(updates).astype(dtype))
     safe = jnp.where(norms > 0, norms, 1.0)
     noise = _per_client_uniform(keys, updates)
 
     def leaf(x, u):
       shape = (-1,) + (1,) * (x.ndim - 1)
-      scaled = jnp.abs(x.astype(jnp.float32)) / safe.reshape(shape) * levels
+      scaled = jnp.abs(x.astype(dtype)) / safe.reshape(shape) * levels
       floor = jnp.floor(scaled)
-      xi = floor + (u < scaled - floor).astype(jnp.float32)
-      q = norms.reshape(shape) * jnp.sign(x.astype(jnp.float32)) * xi / levels
+      xi = floor + (u < scaled - floor).astype(dtype)
+      q = norms.reshape(shape) * jnp.sign(x.astype(dtype)) * xi / levels
       return q.astype(x.dtype)
 
     return jax.tree.map(leaf, updates, noise), state

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import REDUCER, Aggregator
+from fedjax_sync.aggregators.base import REDUCER, Aggregator, compute_dtype
 
 
 class KuramotoState(NamedTuple):
@@ -53,8 +53,8 @@ class KuramotoState(NamedTuple):
   metrics: dict
 
 
-def _normalized_weights(weights, num):
-  w = (jnp.ones((num,), jnp.float32) if weights is None else weights).astype(jnp.float32)
+def _normalized_weights(weights, num, dtype=jnp.float32):
+  w = (jnp.ones((num,), dtype) if weights is None else weights).astype(dtype)
   present = w > 0
   total = jnp.sum(w)
   return w / jnp.where(total > 0, total, 1.0), present
@@ -79,11 +79,12 @@ def kuramoto_weights(updates, weights, eps_den: float = 1e-6):
     `(rho [C], theta [C], fallback bool)`; absent clients get ρ = 0 and θ = 0.
   """
   num = jax.tree.leaves(updates)[0].shape[0]
-  p, present = _normalized_weights(weights, num)
+  dtype = compute_dtype(updates)
+  p, present = _normalized_weights(weights, num, dtype)
   mean_update = tree_lib.client_weighted_sum(updates, p)
-  dots = _client_dots(updates, mean_update).astype(jnp.float32)
-  norms = jnp.sqrt(jnp.maximum(tree_lib.client_sq_norms(updates), 0.0)).astype(jnp.float32)
-  mean_norm = tree_lib.tree_norm(mean_update).astype(jnp.float32)
+  dots = _client_dots(updates, mean_update).astype(dtype)
+  norms = jnp.sqrt(jnp.maximum(tree_lib.client_sq_norms(updates), 0.0)).astype(dtype)
+  mean_norm = tree_lib.tree_norm(mean_update).astype(dtype)
   denom = norms * mean_norm
   valid = present & (denom > 0)
   cosine = jnp.where(valid, dots / jnp.where(valid, denom, 1.0), 1.0)
@@ -117,20 +118,21 @@ def kuramoto(kappa: float = 0.005, decay: float = 1.0, eps_den: float = 1e-6) ->
     raise ValueError(f'kuramoto eps_den must be >= 0, got {eps_den!r}')
 
   def init(params, num_clients=None):
-    del params
+    dtype = compute_dtype(params)
     z = jnp.zeros((), jnp.int32)
-    metrics = {'kappa': jnp.asarray(kappa, jnp.float32), 'fallback': z, 'fallbacks': z,
-               'rho_min': jnp.float32(0), 'rho_max': jnp.float32(0)}
+    metrics = {'kappa': jnp.asarray(kappa, dtype), 'fallback': z, 'fallbacks': z,
+               'rho_min': jnp.zeros((), dtype), 'rho_max': jnp.zeros((), dtype)}
     if num_clients is not None:
-      metrics['rho'] = jnp.zeros((num_clients,), jnp.float32)
-      metrics['theta'] = jnp.zeros((num_clients,), jnp.float32)
+      metrics['rho'] = jnp.zeros((num_clients,), dtype)
+      metrics['theta'] = jnp.zeros((num_clients,), dtype)
     return KuramotoState(step=z, fallbacks=z, metrics=metrics)
 
   def apply(updates, weights, state, key=None, client_ids=None):
     del key
     rho, theta, fallback = kuramoto_weights(updates, weights, eps_den)
-    kappa_t = (jnp.asarray(kappa, jnp.float32)
-               * jnp.asarray(decay, jnp.float32) ** state.step.astype(jnp.float32))
+    dtype = rho.dtype
+    kappa_t = (jnp.asarray(kappa, dtype)
+               * jnp.asarray(decay, dtype) ** state.step.astype(dtype))
     out = tree_lib.client_weighted_sum(updates, kappa_t * rho)
     fallbacks = state.fallbacks + fallback.astype(jnp.int32)
     present = (weights > 0) if weights is not None else jnp.ones(rho.shape, bool)
@@ -169,19 +171,22 @@ def kuramoto_code(coupling: float = 0.3, clamp: float = 1e3, phase_scale: float 
       raise ValueError(f'kuramoto_code {label} must be > 0, got {value!r}')
 
   def init(params, num_clients=None):
-    del params, num_clients
+    del num_clients
     z = jnp.zeros((), jnp.int32)
-    return KuramotoState(step=z, fallbacks=z, metrics={'kappa': jnp.float32(coupling)})
+    return KuramotoState(step=z, fallbacks=z,
+                         metrics={'kappa': jnp.asarray(coupling, compute_dtype(params))})
 
   def apply(updates, weights, state, key=None, client_ids=None):
     del key, client_ids
     num = jax.tree.leaves(updates)[0].shape[0]
-    p, present = _normalized_weights(weights, num)
+    dtype = compute_dtype(updates)
+    p, present = _normalized_weights(weights, num, dtype)
     mean_update = tree_lib.client_weighted_sum(updates, p)
-    phase = phase_scale * jnp.sqrt(jnp.maximum(tree_lib.client_sq_norms(updates), 0.0))
+    sq_norms = tree_lib.client_sq_norms(updates).astype(dtype)
+    phase = phase_scale * jnp.sqrt(jnp.maximum(sq_norms, 0.0))
     pair = present[:, None] & present[None, :] & ~jnp.eye(num, dtype=bool)
     couplings = jnp.sum(jnp.where(pair, jnp.cos(phase[:, None] - phase[None, :]), 0.0), axis=0)
-    count = jnp.sum(present.astype(jnp.float32))
+    count = jnp.sum(present.astype(dtype))
     coef = couplings / jnp.maximum(count - 1.0, 1.0)
     # S = Σ_j coef_j (ū − u_j) = (Σ_j coef_j) ū − Σ_j coef_j u_j
     weighted = tree_lib.client_weighted_sum(updates, coef)
@@ -189,7 +194,7 @@ def kuramoto_code(coupling: float = 0.3, clamp: float = 1e3, phase_scale: float 
     sync = jax.tree.map(lambda m, s: jnp.clip(total_coef.astype(m.dtype) * m - s, -clamp, clamp),
                         mean_update, weighted)
     out = jax.tree.map(lambda m, s: m - jnp.asarray(coupling, m.dtype) * s, mean_update, sync)
-    metrics = {'kappa': jnp.float32(coupling)}
+    metrics = {'kappa': jnp.asarray(coupling, dtype)}
     return out, KuramotoState(step=state.step + 1, fallbacks=state.fallbacks, metrics=metrics)
 
   return Aggregator(init, apply, REDUCER, 'kuramoto_code')

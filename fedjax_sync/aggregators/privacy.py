@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import REDUCER, Aggregator
+from fedjax_sync.aggregators.base import REDUCER, Aggregator, compute_dtype
 from fedjax_sync.aggregators.reduce import (MetricsState, check_positive, clip_factors,
                                             float_weights)
 
@@ -51,26 +51,26 @@ def dp_fedavg(clip_norm: float, noise_multiplier: float, expected_total_weight: 
   sigma = noise_multiplier * clip_norm
 
   def init(params, num_clients=None):
-    del params, num_clients
-    zero = jnp.zeros((), jnp.float32)
-    return MetricsState({'noise_std': jnp.asarray(sigma, jnp.float32),
-                         'noise_std_of_mean': jnp.asarray(sigma / expected_total_weight,
-                                                          jnp.float32),
+    del num_clients
+    dtype = compute_dtype(params)
+    zero = jnp.zeros((), dtype)
+    return MetricsState({'noise_std': jnp.asarray(sigma, dtype),
+                         'noise_std_of_mean': jnp.asarray(sigma / expected_total_weight, dtype),
                          'clipped_fraction': zero, 'total_weight': zero})
 
   def apply(updates, weights, state, key=None, client_ids=None):
     del client_ids
     w = float_weights(weights, updates)
-    present = (w > 0).astype(jnp.float32)
+    present = (w > 0).astype(w.dtype)
     omega = present if weight_cap is None else jnp.clip(w / weight_cap, 0.0, 1.0)
-    factors = clip_factors(tree_lib.client_sq_norms(updates).astype(jnp.float32), clip_norm)
+    factors = clip_factors(tree_lib.client_sq_norms(updates).astype(w.dtype), clip_norm)
     total = tree_lib.client_weighted_sum(updates, omega * factors)
     if sigma > 0:
       if key is None:
         raise ValueError('dp_fedavg with noise_multiplier > 0 needs a key')
       leaves, treedef = jax.tree.flatten(total)
       noisy = [x + (sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape,
-                                              jnp.float32)).astype(x.dtype)
+                                              compute_dtype(x))).astype(x.dtype)
                for i, x in enumerate(leaves)]
       total = jax.tree.unflatten(treedef, noisy)
     out = tree_lib.tree_scale(total, 1.0 / expected_total_weight)

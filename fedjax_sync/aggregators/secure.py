@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import REDUCER, Aggregator
+from fedjax_sync.aggregators.base import REDUCER, Aggregator, compute_dtype
 from fedjax_sync.aggregators.reduce import MetricsState, check_positive, float_weights
 
 __all__ = ['decode_ring_sum', 'mask_inputs', 'quantize_to_ring', 'ring_levels',
@@ -59,7 +59,7 @@ def ring_levels(num_clients: int, modulus_bits: int = 32) -> int:
 def quantize_to_ring(flat: jax.Array, clip_range: float, levels: int,
                      modulus_bits: int = 32) -> jax.Array:
   """`[C, d]` floats → `[C, d]` uint32 ring elements `round(clip(x, ±c) · L / c) mod R`."""
-  scaled = jnp.round(jnp.clip(flat.astype(jnp.float32), -clip_range, clip_range)
+  scaled = jnp.round(jnp.clip(flat.astype(compute_dtype(flat)), -clip_range, clip_range)
                      * (levels / clip_range))
   as_int = scaled.astype(jnp.int32)
   return jax.lax.bitcast_convert_type(as_int, jnp.uint32) & _modulus_mask(modulus_bits)
@@ -221,10 +221,11 @@ def secure_aggregation(clip_range: float = 1.0, *, modulus_bits: int = 32,
                          modulus_bits=modulus_bits)
     total = unmask_sum(masked, survivors, ids, key, num_neighbors=num_neighbors,
                        modulus_bits=modulus_bits)
-    count = jnp.sum(survivors.astype(jnp.int32))
+    count = jnp.sum(survivors, dtype=jnp.int32)
     aborted = count < min_survivors
-    mean = decode_ring_sum(total, modulus_bits).astype(jnp.float32) * (
-        clip_range / levels) / jnp.maximum(count, 1).astype(jnp.float32)
+    dtype = compute_dtype(flat)
+    mean = decode_ring_sum(total, modulus_bits).astype(dtype) * (
+        clip_range / levels) / jnp.maximum(count, 1).astype(dtype)
     mean = jnp.where(aborted, 0.0, mean)
     like = jax.tree.map(lambda x: x[0], updates)
     offsets = _neighbour_offsets(num, num_neighbors)

@@ -38,6 +38,7 @@ import optax
 
 from fedjax_sync import communication
 from fedjax_sync import tree as tree_lib
+from fedjax_sync.aggregators.base import compute_dtype
 from fedjax_sync.algorithms.fda_estimators import (VarianceEstimator, get_estimator,
                                                    true_variance)
 from fedjax_sync.clients.execution import ClientExecution, map_clients, shard_client_axis
@@ -60,8 +61,9 @@ class AveragingState(NamedTuple):
     estimator_state: the variance estimator's state (ξ, sketch hashes, ...).
     step: int32, local steps taken.
     num_syncs: int32, synchronizations so far.
-    threshold: float32 Θ of the RTC (a value, not a constant of the program, so a
-      grid of thresholds and seeds shares one compiled program); ∞ when periodic.
+    threshold: Θ of the RTC in the params' float dtype (a value, not a constant of
+      the program, so a grid of thresholds and seeds shares one compiled program);
+      ∞ when periodic.
   """
 
   params: Params
@@ -176,7 +178,7 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
         server_opt_state=server_optimizer.init(params),
         estimator_state=estimator.init(params) if dynamic else (),
         step=jnp.zeros((), jnp.int32), num_syncs=jnp.zeros((), jnp.int32),
-        threshold=jnp.asarray(threshold, jnp.float32))
+        threshold=jnp.asarray(threshold, compute_dtype(params)))
 
   def cost(params):
     floats = estimator.num_floats(params) if dynamic else 0
@@ -190,7 +192,7 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
       weights = jnp.where(total > 0, drift_sq / jnp.where(total > 0, total, 1.0),
                           jnp.full_like(drift_sq, 1.0 / num_workers))
     else:
-      weights = jnp.full((num_workers,), 1.0 / num_workers, jnp.float32)
+      weights = jnp.full((num_workers,), 1.0 / num_workers, compute_dtype(state.anchor))
     average = tree_lib.client_weighted_sum(params, weights)
     pseudo_gradient = tree_lib.tree_sub(state.anchor, average)
     updates, server_opt_state = server_optimizer.update(

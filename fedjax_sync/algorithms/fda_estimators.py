@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
+from fedjax_sync.aggregators.base import compute_dtype
 from fedjax_sync.types import Params, PyTree
 
 ESTIMATORS = ('naive', 'naive_per_layer', 'linear', 'sketch')
@@ -101,7 +102,7 @@ def naive_per_layer() -> VarianceEstimator:
     return jnp.stack([jnp.sum(jnp.square(x)) for x in jax.tree.leaves(drift)])
 
   def init(params):
-    sizes = jnp.asarray([x.size for x in jax.tree.leaves(params)], jnp.float32)
+    sizes = jnp.asarray([x.size for x in jax.tree.leaves(params)], compute_dtype(params))
     return sizes.sum() / sizes   # d / d_l
 
   def estimate(local_states, state):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sync import tree as tree_lib
+from fedjax_sync.aggregators.base import compute_dtype
 from fedjax_sync.algorithms.federated import ClientOutput
 from fedjax_sync.clients.local import make_local_step, make_local_training
 from fedjax_sync.simulate.semi_async import AsyncAlgorithm, AsyncRound
@@ -28,10 +29,11 @@ from fedjax_sync.types import ServerState
 
 
 def polynomial_staleness(exponent: float) -> Callable[[jax.Array], jax.Array]:
-  """`s(τ) = (1 + τ)^(-exponent)`; exponent 1/2 is FedBuff's, 0 disables weighting."""
+  """`s(τ) = (1 + τ)^(-exponent)`, as `s(tau, dtype=float32)`; exponent 1/2 is FedBuff's,
+  0 disables weighting. The algorithms pass the params' float dtype."""
   if exponent < 0:
     raise ValueError(f'staleness exponent must be ≥ 0, got {exponent}')
-  return lambda tau: jnp.power(1.0 + tau.astype(jnp.float32), -exponent)
+  return lambda tau, dtype=jnp.float32: jnp.power(1.0 + tau.astype(dtype), -exponent)
 
 
 def async_local_update(loss_fn: Callable, client_optimizer: optax.GradientTransformation, *,
@@ -53,10 +55,10 @@ def async_local_update(loss_fn: Callable, client_optimizer: optax.GradientTransf
   return client_update
 
 
-def _coefficients(info: AsyncRound, example_weighted: bool) -> jax.Array:
+def _coefficients(info: AsyncRound, example_weighted: bool, dtype) -> jax.Array:
   """`[K]` normalized mixing coefficients (1/K_valid, or n_i/Σn over valid updates)."""
   counted = info.weight > 0
-  base = info.weight if example_weighted else counted.astype(jnp.float32)
+  base = (info.weight if example_weighted else counted).astype(dtype)
   base = jnp.where(counted, base, 0.0)
   total = jnp.sum(base)
   return base / jnp.where(total > 0, total, 1.0)
@@ -97,7 +99,9 @@ def fed_buff(loss_fn: Callable, client_optimizer: optax.GradientTransformation, 
                        round=jnp.zeros((), jnp.int32))
 
   def server_update(state: ServerState, outputs: ClientOutput, info: AsyncRound):
-    coefficients = _coefficients(info, example_weighted) * staleness_weight(info.staleness)
+    dtype = compute_dtype(state.params)
+    coefficients = (_coefficients(info, example_weighted, dtype)
+                    * staleness_weight(info.staleness, dtype))
     aggregate = tree_lib.client_weighted_sum(outputs.update, coefficients)
     updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -129,11 +133,13 @@ def fed_async(loss_fn: Callable, client_optimizer: optax.GradientTransformation,
                        extra=(), round=jnp.zeros((), jnp.int32))
 
   def server_update(state: ServerState, outputs: ClientOutput, info: AsyncRound):
-    coefficients = _coefficients(info, False)
+    dtype = compute_dtype(state.params)
+    coefficients = _coefficients(info, False, dtype)
     local = jax.tree.map(jnp.subtract, info.start_params, outputs.update)
     mean_local = tree_lib.client_weighted_sum(local, coefficients)
-    rate = mixing * jnp.sum(coefficients * staleness_weight(info.staleness))
-    params = jax.tree.map(lambda w, m: (1.0 - rate) * w + rate * m, state.params, mean_local)
+    rate = mixing * jnp.sum(coefficients * staleness_weight(info.staleness, dtype))
+    params = jax.tree.map(lambda w, m: ((1.0 - rate) * w + rate * m).astype(w.dtype),
+                          state.params, mean_local)
     metrics = _train_metrics(outputs, info)
     metrics['mixing_rate'] = rate
     return state._replace(params=params), metrics

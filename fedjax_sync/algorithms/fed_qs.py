@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sync import tree as tree_lib
+from fedjax_sync.aggregators.base import compute_dtype
 from fedjax_sync.algorithms.federated import ClientOutput
 from fedjax_sync.clients.local import make_local_step, make_local_training, masked_mean
 from fedjax_sync.simulate.semi_async import AsyncAlgorithm, AsyncRound
@@ -217,14 +218,15 @@ def fed_qs(loss_fn: Callable, *, aggregation: str = 'sgd', num_clients: int,
   name = name or f'fedqs-{aggregation}'
 
   def init(params):
-    zeros = jnp.zeros((num_clients,), jnp.float32)
+    dtype = compute_dtype(params)  # float64 runs keep float64 rates, angles and counts
+    zeros = jnp.zeros((num_clients,), dtype)
     clients = FedQSClientState(
-        learning_rate=jnp.full((num_clients,), hparams.learning_rate, jnp.float32),
+        learning_rate=jnp.full((num_clients,), hparams.learning_rate, dtype),
         count=zeros, angle=zeros,
         previous_update=jax.tree.map(
             lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), params),
         has_update=jnp.zeros((num_clients,), bool),
-        probe_loss=jnp.full((num_clients,), jnp.inf, jnp.float32))
+        probe_loss=jnp.full((num_clients,), jnp.inf, dtype))
     return ServerState(params=params, opt_state=(), aggregator_state=(), client_states=clients,
                        extra=(), round=jnp.zeros((), jnp.int32))
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import Aggregator, mean
+from fedjax_sync.aggregators.base import Aggregator, compute_dtype, mean
 from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm
 from fedjax_sync.algorithms.registry import Hyperparameters, register_algorithm
 from fedjax_sync.clients.execution import ClientExecution
@@ -45,16 +45,17 @@ class ScaffoldExtra(NamedTuple):
   control: Params
 
 
-def effective_steps(num_steps: jax.Array, momentum: float) -> jax.Array:
+def effective_steps(num_steps: jax.Array, momentum: float, dtype=jnp.float32) -> jax.Array:
   """Effective step count of K heavy-ball steps, `Σ_{k=1..K} (1 − β^k)/(1 − β)`.
 
   A constant gradient g moves K momentum-SGD steps by `η · effective_steps · g`,
-  so this replaces K in option II with local momentum (= K when β = 0).
+  so this replaces K in option II with local momentum (= K when β = 0). Computed
+  in `dtype` (the params' float dtype in SCAFFOLD).
   """
-  k = num_steps.astype(jnp.float32)
+  k = num_steps.astype(dtype)
   if momentum == 0.0:
     return k
-  b = jnp.float32(momentum)
+  b = jnp.asarray(momentum, dtype)
   return (k - b * (1.0 - b ** k) / (1.0 - b)) / (1.0 - b)
 
 
@@ -101,7 +102,8 @@ def scaffold_update(loss_fn: Callable, learning_rate: float, *, momentum: float 
     num_steps = jnp.sum(jnp.any(mask, axis=1))
     trained = num_steps > 0
     if option == 'II':
-      inv = 1.0 / (jnp.maximum(effective_steps(num_steps, momentum), 1.0) * learning_rate)
+      steps = effective_steps(num_steps, momentum, compute_dtype(delta))
+      inv = 1.0 / (jnp.maximum(steps, 1.0) * learning_rate)
       new_control = jax.tree.map(lambda ci, cc, d: ci - cc + inv.astype(d.dtype) * d,
                                  client_control, c, delta)
     else:
@@ -117,7 +119,7 @@ def scaffold_update(loss_fn: Callable, learning_rate: float, *, momentum: float 
 
 def _update_control(extra: ScaffoldExtra, control_deltas, batch, num_clients) -> ScaffoldExtra:
   """`c ← c + (|S|/N) · mean_S Δc_i = c + (1/N) Σ_{i∈S} Δc_i` over present clients."""
-  present = (batch.weight > 0).astype(jnp.float32)
+  present = (batch.weight > 0).astype(compute_dtype(control_deltas))
   step = tree_lib.client_weighted_sum(control_deltas, present / num_clients)
   return ScaffoldExtra(control=tree_lib.tree_add(extra.control, step))
 

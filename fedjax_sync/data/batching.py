@@ -168,6 +168,8 @@ def make_client_batch(key: jax.Array, data: DeviceData, client_ids: jax.Array,
     weight = counts
   else:
     weight = jnp.minimum(counts, work.steps * work.batch_size)
+  # Example counts, exact in float32 (< 2^24); every algorithm and aggregator casts
+  # them to the params' float dtype before normalizing (float64 runs stay float64).
   return ClientBatch(data=batch, mask=mask, client_ids=client_ids,
                      weight=weight.astype(jnp.float32))
 

@@ -37,7 +37,7 @@ def _key_dtype(dtype) -> jnp.dtype:
 
 
 def _to_keys(x: jax.Array) -> jax.Array:
-  """Order-preserving map float32 → uint32, float64 → uint64 (x < y ⇔ key(x) < key(y), non-NaN)."""
+  """Order-preserving map float32 → uint32 or float64 → uint64 (x < y ⇔ key(x) < key(y))."""
   kind = _key_dtype(x.dtype)
   top = kind.itemsize * 8 - 1
   bits = jax.lax.bitcast_convert_type(x, kind)
@@ -112,7 +112,7 @@ def _per_coordinate(updates, present, column_fn):
 def _present(weights, updates):
   w = float_weights(weights, updates)
   present = w > 0
-  return present, jnp.sum(present.astype(jnp.int32))
+  return present, jnp.sum(present, dtype=jnp.int32)
 
 
 def coordinate_median() -> Aggregator:

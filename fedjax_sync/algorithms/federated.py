@@ -20,8 +20,8 @@ import optax
 
 from fedjax_sync import communication
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import (Aggregator, aggregator_metrics, validate_aggregator,
-                                          weighted_mean)
+from fedjax_sync.aggregators.base import (Aggregator, aggregator_metrics, compute_dtype,
+                                          validate_aggregator, weighted_mean)
 from fedjax_sync.clients.execution import (ClientExecution, map_clients, map_reduce_clients,
                                            replicate, shard_client_axis)
 from fedjax_sync.types import Algorithm, ClientBatch, Params, PyTree, ServerState
@@ -139,7 +139,7 @@ def federated_algorithm(client_update: ClientUpdate, *,
   def _streamed_round(state, batch, inputs, one_client):
     # Normalized in the params' precision: float32 weights would cap a float64 run's
     # accuracy at ~1e-7 (the float64 FedSGD oracle test checks 1e-10).
-    normalized = _normalized_weights(batch, jnp.result_type(*jax.tree.leaves(state.params)))
+    normalized = _normalized_weights(batch, compute_dtype(state.params))
 
     def one(*a):
       out = one_client(*a)
@@ -189,7 +189,8 @@ def streamed_round_metrics(client_metrics: dict, sq_norms: jax.Array, batch: Cli
   as `sqrt(Σ_k p_k ‖u_k‖² − ‖ū‖²)`. `client_drift` (the mean distance) needs every
   update after the mean is known, so streamed rounds do not report it.
   """
-  mean_sq = jnp.sum(_normalized_weights(batch) * sq_norms.astype(jnp.float32))
+  dtype = compute_dtype(aggregate)
+  mean_sq = jnp.sum(_normalized_weights(batch, dtype) * sq_norms.astype(dtype))
   metrics = _shared_metrics(client_metrics, batch, aggregate, params)
   metrics['client_drift_rms'] = jnp.sqrt(
       jnp.maximum(mean_sq - tree_lib.tree_sq_norm(aggregate), 0.0))
@@ -208,7 +209,7 @@ def round_metrics(outputs: ClientOutput, batch: ClientBatch, aggregate: Params,
   plain full-model exchange: `bytes_up` (participants × update bytes) and
   `bytes_down`.
   """
-  normalized = _normalized_weights(batch)
+  normalized = _normalized_weights(batch, compute_dtype(outputs.update))
   mean_update = tree_lib.client_weighted_sum(outputs.update, normalized)
   deviations = jax.tree.map(lambda u, m: u - m[None], outputs.update, mean_update)
   sq_deviations = jnp.maximum(tree_lib.client_sq_norms(deviations), 0.0)

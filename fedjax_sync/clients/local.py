@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sync.clients import conv_rewrite
+from fedjax_sync.clients.conv_rewrite import KEEP_CONVOLUTIONS
 from fedjax_sync.types import Params, PyTree
 
 
@@ -86,7 +88,7 @@ def _with_state(params: Params, state: PyTree) -> Params:
 
 
 def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    prox_mu: float = 0.0) -> LocalStep:
+                    prox_mu: float = 0.0, loop_friendly_convolutions: bool = True) -> LocalStep:
   """Builds `step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None)`.
 
   Args:
@@ -95,6 +97,13 @@ def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     optimizer: the client's optax optimizer.
     prox_mu: FedProx's proximal coefficient μ: adds `μ (params − anchor)` to the
       gradient, the gradient of `(μ/2)‖params − anchor‖²`.
+    loop_friendly_convolutions: on the CPU backend, run every convolution in the
+      loss (and its gradient) in XLA:CPU's fast canonical layout
+      (`fedjax_sync.clients.conv_rewrite`): autodiff's own kernel-gradient
+      convolution runs 10–30× slower inside the loops of local training. Same values
+      and gradients; set False to opt out (e.g. for an optimizer that applies
+      `jax.jvp` to the loss, which the rewrite does not support). A loss marked with
+      `conv_rewrite.keep_convolutions` is never rewritten.
 
   Returns:
     `step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None)
@@ -103,6 +112,8 @@ def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     e.g. SCAFFOLD's correction `c − c_i`.
   """
   extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+  if loop_friendly_convolutions and not getattr(loss_fn, KEEP_CONVOLUTIONS, False):
+    loss_fn = conv_rewrite.loop_friendly_convolutions(loss_fn)
 
   def step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None):
     def objective(p):

@@ -9,86 +9,111 @@ over local steps, `lax.map` over clients) the generic slow kernel runs, 20–30�
 slower. This is why convolutional local training on CPU used to need every step
 and every client unrolled into the trace.
 
-`loop_friendly_conv` is a drop-in for `lax.conv_general_dilated` (flax:
-`nn.Conv(..., conv_general_dilated=loop_friendly_conv)`) whose VJP computes both
-gradients as canonical channels-last convolutions of explicitly transposed
-operands, so they are fast in and out of loops. It applies to stride-1, undilated,
-ungrouped channels-last convolutions on the CPU backend; every other case, and
-every other backend, runs `lax.conv_general_dilated` unchanged. The price: a
-`custom_vjp` function supports reverse mode only (`jax.grad`, `jax.vjp`, and grads
-of grads), not forward mode (`jax.jvp`, `jax.jacfwd`); build the model with
-`fast_cpu_conv=False` for those.
+`loop_friendly_conv` is a drop-in for `lax.conv_general_dilated` (same arguments,
+same values and gradients) that runs every convolution, forward and backward, in
+the one layout XLA:CPU's fast kernel takes: batch first, features last, kernel
+`(spatial…, in, out)` (`b01f_01io->b01f`), with explicit transposes around it. Its
+custom VJP computes the two gradients with jax's own transpose rules (strides,
+dilations, padding, feature and batch groups, 1–3 spatial dimensions, any
+dimension order) and runs each of their convolutions the same way, so grads of
+grads stay canonical too. On other backends it is `lax.conv_general_dilated`.
+
+The local step applies it to every convolution of a user's loss automatically on
+CPU (`fedjax_sync.clients.conv_rewrite`); calling it directly is only needed
+outside the local step. The price: a `custom_vjp` function supports reverse mode
+only (`jax.grad`, `jax.vjp`, grads of grads), not forward mode (`jax.jvp`,
+`jax.jacfwd`), which raises jax's `TypeError` ("can't apply forward-mode autodiff
+(jvp) to a custom_vjp function"); build models with `fast_cpu_conv=False` and the
+local step with `loop_friendly_convolutions=False` for those.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
-def _channels_last(dimension_numbers, ndim: int) -> bool:
-  """Whether the dimension numbers are N(spatial)C / (spatial)IO / N(spatial)C."""
-  if dimension_numbers is None:
-    return False
-  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
-    spatial = tuple(range(1, ndim - 1))
-    return (tuple(dimension_numbers.lhs_spec) == (0, ndim - 1) + spatial
-            and tuple(dimension_numbers.rhs_spec) == (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
-            and tuple(dimension_numbers.out_spec) == (0, ndim - 1) + spatial)
-  if isinstance(dimension_numbers, (tuple, list)) and len(dimension_numbers) == 3:
-    lhs, rhs, out = dimension_numbers
-    n = ndim - 2
-    return (isinstance(lhs, str) and len(lhs) == ndim and lhs == out
-            and lhs[0] == 'N' and lhs[-1] == 'C' and rhs[-2:] == 'IO'
-            and lhs[1:-1] == rhs[:n])
-  return False
+def _canonical_perms(dn: lax.ConvDimensionNumbers):
+  """Permutations taking lhs, rhs and out from `dn`'s order to canonical order."""
+  lhs, rhs, out = dn
+  return ((lhs[0],) + tuple(lhs[2:]) + (lhs[1],),
+          tuple(rhs[2:]) + (rhs[1], rhs[0]),
+          (out[0],) + tuple(out[2:]) + (out[1],))
 
 
-def _ones(value, n: int) -> bool:
-  return value is None or tuple(value) == (1,) * n
+def _transpose(x, perm):
+  return x if tuple(perm) == tuple(range(x.ndim)) else jnp.transpose(x, perm)
 
 
-def _conv(x, w, pads, precision):
-  n = x.ndim - 2
-  spec = lax.ConvDimensionNumbers((0, n + 1) + tuple(range(1, n + 1)),
-                                  (n + 1, n) + tuple(range(n)),
-                                  (0, n + 1) + tuple(range(1, n + 1)))
-  return lax.conv_general_dilated(x, w, (1,) * n, pads, dimension_numbers=spec,
-                                  precision=precision)
+def canonical_dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbers:
+  """`N(spatial)C`, `(spatial)IO`, `N(spatial)C`: XLA:CPU's fast-kernel layout."""
+  spatial = tuple(range(1, num_spatial + 1))
+  return lax.ConvDimensionNumbers((0, num_spatial + 1) + spatial,
+                                  (num_spatial + 1, num_spatial) + tuple(range(num_spatial)),
+                                  (0, num_spatial + 1) + spatial)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _canonical_conv(x, w, pads, precision):
-  return _conv(x, w, pads, precision)
+def canonical_layout_conv(lhs, rhs, *, dimension_numbers: lax.ConvDimensionNumbers, **params):
+  """`lax.conv_general_dilated` run in canonical layout between explicit transposes.
+
+  `dimension_numbers` must be a `ConvDimensionNumbers`; `params` are the other
+  keyword arguments of `lax.conv_general_dilated` (strides, padding, dilations,
+  group counts, precision, preferred element type), whose meaning does not depend
+  on the layout.
+  """
+  lhs_perm, rhs_perm, out_perm = _canonical_perms(dimension_numbers)
+  lhs = _transpose(lhs, lhs_perm)
+  groups = params.pop('batch_group_count', 1)
+  if groups > 1:
+    # XLA:CPU lowers batch groups to a non-canonical convolution. The same sum as a
+    # feature-grouped one: batch group g (examples g·N'…(g+1)·N' − 1) becomes
+    # feature group g of N' examples.
+    n, *spatial, c = lhs.shape
+    lhs = lhs.reshape((groups, n // groups, *spatial, c))
+    lhs = jnp.moveaxis(lhs, 0, -2).reshape((n // groups, *spatial, groups * c))
+    params['feature_group_count'] = groups
+  out = lax.conv_general_dilated(
+      lhs, _transpose(rhs, rhs_perm),
+      dimension_numbers=canonical_dimension_numbers(lhs.ndim - 2), **params)
+  return _transpose(out, np.argsort(out_perm))
 
 
-def _canonical_conv_fwd(x, w, pads, precision):
-  return _conv(x, w, pads, precision), (x, w)
+def _hashable(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(v) for v in value)
+  return value
 
 
-def _canonical_conv_bwd(pads, precision, residuals, dy):
-  x, w = residuals
-  n = x.ndim - 2
-  spatial = tuple(range(1, n + 1))
-  kernel = w.shape[:n]
-  # dW[k, i, o] = Σ_{b, p} xpad[b, p + k, i] dy[b, p, o]: a channels-last convolution
-  # of x with its batch and channel axes swapped, by dy used as the kernel.
-  dw = _conv(jnp.transpose(x, (n + 1,) + spatial + (0,)),
-             jnp.transpose(dy, spatial + (0, n + 1)), pads, precision)
-  dw = jnp.transpose(dw, spatial + (0, n + 1))
-  # dx: full correlation of dy with the spatially flipped kernel, in/out swapped.
-  flipped = jnp.flip(w, axis=tuple(range(n)))
-  flipped = jnp.transpose(flipped, tuple(range(n)) + (n + 1, n))
-  back_pads = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel, pads)]
-  dx = _conv(dy, flipped, back_pads, precision)
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+@functools.lru_cache(maxsize=None)
+def _custom_vjp_conv(static: tuple):
+  """The canonical-layout convolution with canonical-layout gradients, per parameters."""
+  params = dict(static)
+  params['dimension_numbers'] = lax.ConvDimensionNumbers(*params['dimension_numbers'])
 
+  @jax.custom_vjp
+  def conv(lhs, rhs):
+    return canonical_layout_conv(lhs, rhs, **params)
 
-_canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+  def fwd(lhs, rhs):
+    return conv(lhs, rhs), (lhs, rhs)
+
+  def bwd(residuals, dy):
+    from fedjax_sync.clients.conv_rewrite import loop_friendly_convolutions  # cycle
+    lhs, rhs = residuals
+    plain = functools.partial(lax.conv_general_dilated, **params)
+    # jax's transpose rules (the gradient convolutions, with their reversals,
+    # paddings and group reshapes), each convolution in them made canonical.
+    transposes = (lambda d: jax.linear_transpose(lambda x: plain(x, rhs), lhs)(d)[0],
+                  lambda d: jax.linear_transpose(lambda w: plain(lhs, w), rhs)(d)[0])
+    return tuple(loop_friendly_convolutions(t)(dy) for t in transposes)
+
+  conv.defvjp(fwd, bwd)
+  return conv
 
 
 def loop_friendly_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
@@ -96,21 +121,30 @@ def loop_friendly_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dil
                        batch_group_count: int = 1, precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated` with CPU-loop-friendly gradients (see the module doc)."""
   n = lhs.ndim - 2
-  eligible = (jax.default_backend() == 'cpu' and n >= 1 and rhs.ndim == lhs.ndim
-              and _channels_last(dimension_numbers, lhs.ndim)
-              and _ones(window_strides, n) and _ones(lhs_dilation, n) and _ones(rhs_dilation, n)
-              and feature_group_count == 1 and batch_group_count == 1
-              and preferred_element_type is None)
-  if eligible:
-    if isinstance(padding, str):
-      pads = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:n], (1,) * n, padding)
-    else:
-      pads = padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(pads, rhs.shape[:n])):
-      return _canonical_conv(lhs, rhs, pads, precision)
-  return lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
+  if jax.default_backend() != 'cpu' or not 1 <= n <= 3:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  lhs_dilation = (1,) * n if lhs_dilation is None else tuple(lhs_dilation)
+  rhs_dilation = (1,) * n if rhs_dilation is None else tuple(rhs_dilation)
+  if isinstance(padding, str):
+    lhs_sizes = [lhs.shape[d] for d in dn.lhs_spec[2:]]
+    rhs_sizes = [rhs.shape[d] for d in dn.rhs_spec[2:]]
+    dilate = lambda sizes, rates: [0 if s == 0 else (s - 1) * r + 1 for s, r in zip(sizes, rates)]
+    padding = lax.padtype_to_pads(dilate(lhs_sizes, lhs_dilation), dilate(rhs_sizes, rhs_dilation),
+                                  window_strides, padding)
+  return apply_loop_friendly_conv(
+      lhs, rhs, window_strides=tuple(window_strides), padding=padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dn,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
+
+
+def apply_loop_friendly_conv(lhs, rhs, **params):
+  """`loop_friendly_conv` from a `conv_general_dilated` primitive's parameters."""
+  params = {k: v for k, v in params.items() if not (k == 'out_sharding' and v is None)}
+  static = tuple(sorted((k, _hashable(v)) for k, v in params.items()))
+  return _custom_vjp_conv(static)(lhs, rhs)

@@ -58,13 +58,13 @@ def test_linen_mlp_equals_the_hand_written_model():
   assert ours.name == 'LinenMLP'
   key = jax.random.key(0)
   params = ours.init(key)
-  chex.assert_trees_all_equal(params, reference.init(key))
-  chex.assert_trees_all_equal(ours.apply(params, batch['x']), reference.apply(params, batch['x']))
-  chex.assert_trees_all_equal(ours.loss(params, batch, key), reference.loss(params, batch, key))
-  chex.assert_trees_all_equal(ours.evaluate(params, batch), reference.evaluate(params, batch))
+  chex.assert_trees_all_equal(params, jax.jit(reference.init)(key))
   # uint8 images are scaled to [0, 1] as the hand-written models do.
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 5)), jnp.uint8)
-  chex.assert_trees_all_equal(ours.apply(params, images), reference.apply(params, images))
+  everything = lambda m: jax.jit(lambda p, b, k: (  # one compilation: eager ops compile one by one
+      m.apply(p, b['x']), m.loss(p, b, k), m.evaluate(p, b), m.apply(p, images)))
+  chex.assert_trees_all_equal(everything(ours)(params, batch, key),
+                              everything(reference)(params, batch, key))
 
 
 def test_nnx_module_trains_with_statistics_averaged_and_dropout_per_client_key():
@@ -90,31 +90,28 @@ def test_nnx_module_trains_with_statistics_averaged_and_dropout_per_client_key()
   assert np.abs(losses - np.asarray(other_seed['client_loss'])).max() > 1e-4
   # Oracle: each client's own local run (the engine's client keys), then the
   # example-weighted mean of every leaf, the running statistics included.
-  train = jax.jit(make_local_training(make_local_step(model.loss, optax.sgd(0.3))))
-  client_root = jax.random.split(key)[0]
-  finals = []
-  for c in range(3):
-    final, _, _ = train(params, optax.sgd(0.3).init(params),
-                        jax.tree.map(lambda a: a[c], client_batch.data), client_batch.mask[c],
-                        jax.random.fold_in(client_root, c))
-    finals.append(final)
-    # The statistics moved at every step: 3 steps of momentum 0.5 keep 1/8 of the init.
-    variance = final['batch_stats']['norm']['var']
-    assert float(jnp.max(jnp.abs(variance - 1.0))) > 1e-2
-  weights = client_batch.weight / jnp.sum(client_batch.weight)
-  expected = jax.tree.map(lambda *leaves: sum(w * l for w, l in zip(weights, leaves)), *finals)
-  chex.assert_trees_all_close(after_one.params, expected, rtol=1e-5, atol=1e-6)
+  train = make_local_training(make_local_step(model.loss, optax.sgd(0.3)))
+  finals = jax.jit(lambda p, data, mask: jax.vmap(lambda d, m, c: train(
+      p, optax.sgd(0.3).init(p), d, m, jax.random.fold_in(jax.random.split(key)[0], c))[0])(
+          data, mask, jnp.arange(3)))(params, client_batch.data, client_batch.mask)
+  finals = jax.device_get(finals)
+  # The statistics moved at every step: 3 steps of momentum 0.5 keep 1/8 of the init.
+  assert np.abs(finals['batch_stats']['norm']['var'] - 1.0).max(axis=1).min() > 1e-2
+  weights = np.asarray(client_batch.weight) / np.sum(np.asarray(client_batch.weight))
+  expected = jax.tree.map(lambda leaf: np.tensordot(weights, leaf, 1), finals)
+  chex.assert_trees_all_close(jax.device_get(after_one.params), expected, rtol=1e-5, atol=1e-6)
   # It trains.
   x = np.concatenate([x for x, _ in xs])
   batch = {'x': jnp.asarray(x), 'y': jnp.asarray(np.concatenate([y for _, y in xs]))}
-  before = float(jnp.mean(model.evaluate(params, batch)[0]))
+  evaluate = jax.jit(model.evaluate)
+  before = float(jnp.mean(evaluate(params, batch)[0]))
   for r in range(12):
     state, _ = round_fn(state, client_batch, jax.random.key(r))
-  loss, correct = model.evaluate(state.params, batch)
+  loss, correct = evaluate(state.params, batch)
   assert float(jnp.mean(loss)) < 0.6 * before and float(jnp.mean(correct)) > 0.8
   # Evaluation is in eval mode: the stored statistics, whatever the batch.
-  chex.assert_trees_all_close(model.apply(state.params, batch['x'][:1]),
-                              model.apply(state.params, batch['x'])[:1], rtol=1e-5)
+  first = {'x': x[:1], 'y': batch['y'][:1]}
+  chex.assert_trees_all_close(evaluate(state.params, first)[0], loss[:1], rtol=1e-5)
 
 
 def test_linen_state_update_and_dropout_keys():
@@ -123,19 +120,20 @@ def test_linen_state_update_and_dropout_keys():
   model = from_flax(LinenBatchNorm(dropout=0.5), x[:1])
   params = model.init(jax.random.key(0))
   assert set(params) == {'params', 'batch_stats'}
-  losses, update = model.loss(params, batch, jax.random.key(1))
+  loss = jax.jit(model.loss)
+  losses, update = loss(params, batch, jax.random.key(1))
   assert set(update) == {'batch_stats'}
   mean = update['batch_stats']['BatchNorm_0']['mean']
   hidden = x @ np.asarray(params['params']['Dense_0']['kernel']) + np.asarray(
       params['params']['Dense_0']['bias'])
   np.testing.assert_allclose(mean, 0.5 * hidden.mean(0), rtol=1e-4, atol=1e-6)  # momentum 0.5
-  same, _ = model.loss(params, batch, jax.random.key(1))
-  other, _ = model.loss(params, batch, jax.random.key(2))
+  same, _ = loss(params, batch, jax.random.key(1))
+  other, _ = loss(params, batch, jax.random.key(2))
   np.testing.assert_array_equal(losses, same)
   assert float(jnp.max(jnp.abs(losses - other))) > 1e-4
-  plain = from_flax(LinenBatchNorm(dropout=0.0), x[:1])
-  np.testing.assert_array_equal(plain.loss(params, batch, jax.random.key(1))[0],
-                                plain.loss(params, batch, jax.random.key(2))[0])
+  plain = jax.jit(from_flax(LinenBatchNorm(dropout=0.0), x[:1]).loss)
+  np.testing.assert_array_equal(plain(params, batch, jax.random.key(1))[0],
+                                plain(params, batch, jax.random.key(2))[0])
 
 
 class TinyLanguageModel(nn.Module):
@@ -151,8 +149,8 @@ def test_sequence_outputs_mask_padding():
   labels[0, 3:] = 0
   labels[2, :] = 0                        # a sequence without a real token
   labels[1, 0] = 2                        # an EOS: in the loss, not in the accuracy
-  losses, accuracy = masked_token_metrics(jnp.asarray(logits), {'y': jnp.asarray(labels)},
-                                          unscored_labels=(2,))
+  losses, accuracy = jax.jit(lambda a, b: masked_token_metrics(a, {'y': b}, unscored_labels=(2,)))(
+      logits, labels)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   for b in range(3):
     real, scored = labels[b] != 0, (labels[b] != 0) & (labels[b] != 2)
@@ -166,9 +164,11 @@ def test_sequence_outputs_mask_padding():
   model = from_flax(TinyLanguageModel(), tokens[:1], output='sequence')
   params = model.init(jax.random.key(0))
   batch = {'x': jnp.asarray(tokens), 'y': jnp.asarray(labels[[0, 1, 0, 1]])}
-  want = masked_token_metrics(model.apply(params, batch['x']), batch)
-  chex.assert_trees_all_close(model.evaluate(params, batch), want)
-  chex.assert_trees_all_close(model.loss(params, batch, jax.random.key(0)), want[0])
+  got, want, loss = jax.jit(lambda p, b: (
+      model.evaluate(p, b), masked_token_metrics(model.apply(p, b['x']), b),
+      model.loss(p, b, jax.random.key(0))))(params, batch)
+  chex.assert_trees_all_close(got, want)
+  chex.assert_trees_all_close(loss, want[0])
 
 
 def test_your_own_loss_and_bad_arguments():
@@ -178,8 +178,8 @@ def test_your_own_loss_and_bad_arguments():
       logits, optax.smooth_labels(jax.nn.one_hot(b['y'], 3), 0.1))
   model = from_flax(LinenMLP(), x[:1], per_example_loss=smooth)
   params = model.init(jax.random.key(0))
-  chex.assert_trees_all_close(model.loss(params, batch, None),
-                              smooth(model.apply(params, batch['x']), batch))
+  chex.assert_trees_all_close(*jax.jit(lambda p, b: (
+      model.loss(p, b, None), smooth(model.apply(p, b['x']), b)))(params, batch))
   with pytest.raises(ValueError, match="'regression'.*classification, sequence"):
     from_flax(LinenMLP(), x[:1], output='regression')
   with pytest.raises(ValueError, match="'deterministic' is not a parameter"):

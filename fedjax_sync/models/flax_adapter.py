@@ -274,6 +274,8 @@ def from_flax(module: nn.Module | nnx.Module, example_x, *, output: str = 'class
   def evaluate(params, batch):
     return score(apply(params, batch['x']), batch)
 
-  return Model(init=model_init, apply=apply, loss=loss, evaluate=evaluate,
+  # One compilation instead of one per operation (eager initialization of a
+  # convolutional network compiles dozens of small programs).
+  return Model(init=jax.jit(model_init), apply=apply, loss=loss, evaluate=evaluate,
                name=name or type(module).__name__)
 

@@ -11,6 +11,7 @@ from fedjax_sync.algorithms.fda import (AveragingAlgorithm, AveragingResult, Ave
                                         periodic_fed_avg_m, run_averaging, sample_worker_batches)
 from fedjax_sync.algorithms.fda_estimators import VarianceEstimator
 from fedjax_sync.algorithms.fed_avg import fed_avg, fed_avg_m, fed_prox, local_training_update
+from fedjax_sync.algorithms.fed_bn import fed_bn, local_part, personalized_params
 from fedjax_sync.algorithms.fed_buff import (async_local_update, fed_async, fed_buff,
                                              polynomial_staleness)
 from fedjax_sync.algorithms.fed_gh import fed_gh
@@ -35,6 +36,8 @@ __all__ = [
     # Client drift.
     'ScaffoldExtra', 'fed_gh', 'fed_sagm', 'fed_sam', 'kuramoto_fedavg', 'scaffold',
     'scaffold_modified', 'sharpness',
+    # Feature shift: local batch normalization (FedBN).
+    'fed_bn', 'local_part', 'personalized_params',
     # Federated Dynamic Averaging and periodic step-level baselines.
     'AveragingAlgorithm', 'AveragingResult', 'AveragingState', 'VarianceEstimator',
     'dynamic_averaging', 'fda', 'local_sgd', 'periodic_fed_adam', 'periodic_fed_avg_m',

@@ -29,8 +29,8 @@ def _chunks(arrays: Mapping[str, np.ndarray], owner: np.ndarray, chunk: int):
 
 
 def make_evaluator(evaluate_fn: Callable, data: FederatedData, *, chunk_size: int = 1024,
-                   per_client: bool = True) -> Callable:
-  """Builds `evaluate(params) -> dict` (jitted).
+                   per_client: bool = True, personalize: Callable | None = None) -> Callable:
+  """Builds `evaluate(params, client_states=()) -> dict` (jitted).
 
   Returns `test_loss`, `test_accuracy` on the global test set and, with
   `per_client`, `client_accuracy` `[N]` on each client's own test split (or on its
@@ -43,6 +43,11 @@ def make_evaluator(evaluate_fn: Callable, data: FederatedData, *, chunk_size: in
     data: the federated data.
     chunk_size: examples per compiled evaluation chunk.
     per_client: also compute per-client accuracy.
+    personalize: `(params, client_state) -> params` one client evaluates with (FedBN:
+      the shared layers and the client's own batch-norm layers,
+      `algorithms.fed_bn.personalized_params`); given with `client_states` (leaves
+      `[N, ...]`, `ServerState.client_states`), per-client accuracy uses each
+      client's own params, example by example. The global test set uses `params`.
   """
   num_clients = data.num_clients
   test_owner = np.zeros(len(next(iter(data.test.values()))), np.int32)
@@ -56,21 +61,33 @@ def make_evaluator(evaluate_fn: Callable, data: FederatedData, *, chunk_size: in
     client_eval = _chunks(client_arrays, owner, chunk_size)
     client_sizes = jnp.asarray(np.bincount(owner, minlength=num_clients).astype(np.float32))
 
-  def sums(params, arrays, owners, mask):
+  def personal_evaluate(params, client_states, batch, owners):
+    def one_example(state, example):
+      loss, correct = evaluate_fn(personalize(params, state),
+                                  jax.tree.map(lambda a: a[None], example))
+      return loss[0], correct[0]
+    states = jax.tree.map(lambda s: s[owners], client_states)
+    return jax.vmap(one_example)(states, batch)
+
+  def sums(params, arrays, owners, mask, client_states=()):
     def one(xs):
       batch, own, m = xs
-      loss, correct = evaluate_fn(params, batch)
+      if jax.tree.leaves(client_states):
+        loss, correct = personal_evaluate(params, client_states, batch, own)
+      else:
+        loss, correct = evaluate_fn(params, batch)
       return (jnp.where(m, loss, 0.0), jnp.where(m, correct, False).astype(jnp.float32), own)
     loss, correct, own = jax.lax.map(one, (arrays, owners, mask))
     return loss.reshape(-1), correct.reshape(-1), own.reshape(-1)
 
   @jax.jit
-  def evaluate(params):
+  def evaluate(params, client_states=()):
     loss, correct, _ = sums(params, *test)
     count = jnp.sum(test[2])
     out = {'test_loss': jnp.sum(loss) / count, 'test_accuracy': jnp.sum(correct) / count}
     if per_client:
-      _, correct_c, own = sums(params, *client_eval)
+      _, correct_c, own = sums(params, *client_eval,
+                               client_states if personalize is not None else ())
       per = jax.ops.segment_sum(correct_c, own, num_segments=num_clients)
       has = client_sizes > 0
       acc = jnp.where(has, per / jnp.maximum(client_sizes, 1), jnp.nan)

@@ -1,9 +1,13 @@
 """Steady-state FedAvg round time per client-execution strategy, against two references.
 
-Workloads (issue #8): an MLP 784-200-10 with 100 clients × 100 examples; FedJAX's
-EMNIST CNN with 10 and 100 clients × 100 examples; logistic regression on
-Synthetic(1, 1) (10 of 30 clients per round). Batch 20 and one local epoch (S = 5
-steps) throughout; plain client SGD (lr 0.1), server SGD (lr 1).
+Workloads (issues #8, #14): an MLP 784-200-10 with 100 clients × 100 examples;
+FedJAX's EMNIST CNN with 10 and 100 clients × 100 examples, as the project's model
+(`fs.models.emnist_cnn`, `cnn_*`) and as a user would write it with plain
+`flax.linen.Conv` through `fs.models.from_flax` (`stock_cnn_*`: no project helper,
+its convolutions made loop-friendly by the local step); a small ResNet-style CNN
+with strided convolutions and 1×1 projections on 32×32×3 inputs (`resnet_*`);
+logistic regression on Synthetic(1, 1) (10 of 30 clients per round). Batch 20 and
+one local epoch (S = 5 steps) throughout; plain client SGD (lr 0.1), server SGD (lr 1).
 
 Inputs are synthetic random arrays of the right shapes (except the Synthetic(1, 1)
 workload, which samples a real round): this is a timing study, not a training one.
@@ -18,8 +22,17 @@ For each workload it times, in one process:
 * `limit`: the same examples trained as one centralized model, S steps of batches
   of C·B examples (one compiled scan).
 
+* `fedjax`, with `fedjax_python=PATH` (`fedjax-sync bench --fedjax-python PATH`):
+  FedJAX 0.0.17's FedAvg on the same workload (CNN or MLP; random data of the same
+  shapes) in a subprocess running that interpreter (`experiments/fedjax_reference.py`),
+  timed in the same turns as the other variants (the wall time of one request as
+  seen from here; the subprocess's own CPU time).
+
 Reported: the median of `repeats` steady-state rounds after `warmup` rounds, compile
-time separately, and the ratio to the limit. All variants of a workload are compiled
+time separately, the ratio to the limit, to FedJAX when measured, and to the
+arithmetic limit (the round's FLOPs from XLA's cost analysis of the compiled round
+over a float32 matmul peak measured in the same run). FedJAX figures recorded in an
+earlier run (`ANCHORS`) are printed with their date and machine, as recorded. All variants of a workload are compiled
 first, then timed in turns (`interleaved_medians`), so the ratios come from one run
 under the same load; each timed round of the dense workloads follows one untimed
 round of the same variant, so that it measures consecutive rounds (as in a
@@ -32,10 +45,13 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,13 +72,63 @@ WORKLOADS = {
     'cnn_10': ('emnist_cnn', (28, 28, 1), 62, 10),
     'cnn_100': ('emnist_cnn', (28, 28, 1), 62, 100),
     'logreg_synthetic': ('logistic_regression', (60,), 10, 10),
+    'stock_cnn_10': ('stock_emnist_cnn', (28, 28, 1), 62, 10),
+    'stock_cnn_100': ('stock_emnist_cnn', (28, 28, 1), 62, 100),
+    'resnet_10': ('resnet_cnn', (32, 32, 3), 10, 10),
+    'resnet_100': ('resnet_cnn', (32, 32, 3), 10, 100),
 }
-ANCHORS = {'mlp_100': 0.25, 'cnn_10': 2.35}   # FedJAX 0.0.17 on this 2-core CPU (issue #8)
+# FedJAX 0.0.17 seconds per round recorded earlier (not measured by this run).
+ANCHORS = {'mlp_100': 0.25, 'cnn_10': 2.35, 'stock_cnn_10': 2.35}
+ANCHORS_RECORDED = ('2026-11-22, the project\'s 2-core AMD EPYC CPU (issue #8)')
+# The FedJAX workload (experiments/fedjax_reference.py) that matches each of ours.
+FEDJAX_WORKLOADS = {'mlp_100': ('mlp', 100), 'cnn_10': ('cnn', 10), 'cnn_100': ('cnn', 100),
+                    'stock_cnn_10': ('cnn', 10), 'stock_cnn_100': ('cnn', 100)}
+
+
+class StockEmnistCNN(nn.Module):
+  """FedJAX's EMNIST CNN as a user writes it: plain `nn.Conv`, no project helper."""
+
+  num_classes: int = 62
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Conv(32, (3, 3), padding='VALID')(x))
+    x = nn.relu(nn.Conv(64, (3, 3), padding='VALID')(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+    x = nn.Dropout(0.25, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+class ResNetCNN(nn.Module):
+  """A small ResNet-style CNN: a 3×3 stem, then per stage a residual block of two 3×3
+  convolutions, the first strided (2) from the second stage on, with a strided 1×1
+  projection on the shortcut; global average pooling (He et al. 2016, without
+  normalization layers). Plain `nn.Conv` throughout."""
+
+  widths: Sequence[int] = (16, 32, 64)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Conv(self.widths[0], (3, 3), padding='SAME')(x))
+    for i, width in enumerate(self.widths):
+      stride = (1, 1) if i == 0 else (2, 2)
+      y = nn.relu(nn.Conv(width, (3, 3), strides=stride, padding='SAME')(x))
+      y = nn.Conv(width, (3, 3), padding='SAME')(y)
+      if stride != (1, 1) or x.shape[-1] != width:
+        x = nn.Conv(width, (1, 1), strides=stride)(x)
+      x = nn.relu(x + y)
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
 def _model(name, shape, classes):
   if name == 'emnist_cnn':
     return fs.models.emnist_cnn(shape, classes)
+  if name in ('stock_emnist_cnn', 'resnet_cnn'):
+    module = StockEmnistCNN(classes) if name == 'stock_emnist_cnn' else ResNetCNN(num_classes=classes)
+    return fs.models.from_flax(module, jnp.zeros((1, *shape), jnp.float32), name=name)
   return fs.models.get_model(name, shape, classes)
 
 
@@ -145,7 +211,9 @@ def _python_loop_call(model, params, batch, key):
 
 
 def _limit_call(model, params, batch, key):
-  """The same examples as one centralized model: S steps of C·B examples each."""
+  """The same examples as one centralized model: S steps of C·B examples each.
+
+  Returns the call, its compile seconds, XLA scratch MB and FLOPs (cost analysis)."""
   optimizer = optax.sgd(CLIENT_LR)
   step = make_local_step(model.loss, optimizer)
   num_clients, num_steps, b = batch.mask.shape
@@ -171,12 +239,68 @@ def _limit_call(model, params, batch, key):
     holder[0] = compiled(holder[0], data, mask, key)
     return holder[0]
 
-  return call, compile_s, _temp_mb(compiled)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return call, compile_s, _temp_mb(compiled), (cost or {}).get('flops')
+
+
+class FedjaxReference:
+  """FedJAX's round for one workload, run on request in a subprocess (see the module doc).
+
+  `call()` asks for one round and waits for it; `cpu_seconds` collects the CPU times
+  the subprocess reports. Start-up (imports, data, two compiling rounds) is
+  `compile_seconds`.
+  """
+
+  def __init__(self, python: str, workload: str, clients: int):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fedjax_reference.py')
+    t0 = time.perf_counter()
+    self.process = subprocess.Popen([python, script, workload, str(clients)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ready = self.process.stdout.readline()
+    if not ready.startswith('ready'):
+      self.close()
+      raise RuntimeError(f'{python} {script} {workload} {clients} did not start '
+                         f'(is FedJAX 0.0.17 installed in that Python?); it said {ready!r}')
+    self.jax_version = ready.split()[-1]
+    self.compile_seconds = time.perf_counter() - t0
+    self.cpu_seconds: list[float] = []
+
+  def call(self):
+    self.process.stdin.write('round\n')
+    self.process.stdin.flush()
+    reply = self.process.stdout.readline().split()
+    if len(reply) != 2:
+      raise RuntimeError(f'the FedJAX subprocess stopped (reply {reply!r})')
+    self.cpu_seconds.append(float(reply[1]))
+
+  def close(self):
+    if self.process.poll() is None:
+      try:
+        self.process.stdin.write('quit\n')
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+      except (OSError, subprocess.TimeoutExpired):
+        self.process.kill()
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+  """float32 matmul throughput of this machine now (median of `repeats` products)."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  product = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(product(a))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(product(a))
+    times.append(time.perf_counter() - t0)
+  return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
 def _executions(num_clients: int) -> list[tuple[str, fs.ClientExecution]]:
   chunk = max(1, num_clients // 10)
-  return [('vmap', fs.ClientExecution('vmap')),
+  return [('auto', fs.ClientExecution('auto')),
+          ('vmap', fs.ClientExecution('vmap')),
           (f'chunked({chunk})', fs.ClientExecution('chunked', chunk)),
           ('sequential', fs.ClientExecution('sequential')),
           ('loop', fs.ClientExecution('loop'))]
@@ -189,13 +313,18 @@ MAX_TRACED_STEPS = 100
 
 def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: int = 1,
                        strategies: list[str] | None = None, unrolls=(1, True),
-                       baseline: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+                       baseline: bool = True, fedjax_python: str | None = None,
+                       peak_gflops: float | None = None
+                       ) -> tuple[list[dict[str, Any]], list[str]]:
   """Times one workload, every variant interleaved with the others.
 
   Each timed round follows `settle` untimed rounds of the same variant (see
   `interleaved_medians`). Returns one row per variant (seconds, CPU seconds,
   compile seconds, XLA scratch memory of the compiled program, ratios to the limit)
-  and the variants not run, with the reason.
+  and the variants not run, with the reason. With `fedjax_python`, FedJAX's round
+  (when the workload has a FedJAX counterpart) is one more variant, 'fedjax'.
+  With `peak_gflops`, rows carry the arithmetic limit: the limit program's FLOPs
+  (XLA cost analysis; the same local-training arithmetic as a round) at that rate.
   """
   model_name, shape, classes, clients = WORKLOADS[name]
   model = _model(model_name, shape, classes)
@@ -205,9 +334,16 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
            else _random_batch(jax.random.key(1), clients, shape, classes))
   num_steps = batch.mask.shape[1]
   calls, compile_s, temp_mb, skipped = {}, {}, {}, []
-  calls['limit'], compile_s['limit'], temp_mb['limit'] = _limit_call(model, params, batch, key)
+  calls['limit'], compile_s['limit'], temp_mb['limit'], flops = _limit_call(model, params,
+                                                                           batch, key)
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  auto = fs.clients.resolve_strategy('auto', None, (batch.mask,), client_bytes=param_bytes)
   for label, execution in _executions(clients):
-    if strategies is not None and execution.strategy not in strategies:
+    if label == 'auto':
+      label = f'auto(→{auto})'
+      if strategies is not None and auto not in strategies:
+        continue
+    elif strategies is not None and execution.strategy not in strategies:
       continue
     for unroll in unrolls:
       variant = f'{label}, unroll={unroll}'
@@ -222,13 +358,31 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
   if baseline:
     calls['python_loop'], compile_s['python_loop'], temp_mb['python_loop'] = _python_loop_call(
         model, params, batch, key)
-  timings = interleaved_medians(calls, warmup=warmup, repeats=repeats, settle=settle)
+  reference = None
+  if fedjax_python and name in FEDJAX_WORKLOADS:
+    reference = FedjaxReference(fedjax_python, *FEDJAX_WORKLOADS[name])
+    calls['fedjax'], compile_s['fedjax'], temp_mb['fedjax'] = (
+        reference.call, reference.compile_seconds, None)
+  try:
+    timings = interleaved_medians(calls, warmup=warmup, repeats=repeats, settle=settle)
+  finally:
+    if reference is not None:
+      reference.close()
+  if reference is not None:   # the subprocess's CPU time, not this process's
+    cpu = statistics.median(reference.cpu_seconds[-repeats:])
+    timings['fedjax'] = timings['fedjax']._replace(cpu_seconds=cpu)
   limit = timings['limit']
+  fedjax = timings.get('fedjax')
+  arithmetic_s = flops / (peak_gflops * 1e9) if peak_gflops and flops else None
   return [{'workload': name, 'variant': variant, 'seconds': t.seconds,
            'cpu_seconds': t.cpu_seconds, 'compile_seconds': compile_s[variant],
            'xla_temp_mb': temp_mb[variant],
            'ratio_to_limit': t.seconds / limit.seconds,
            'cpu_ratio_to_limit': t.cpu_seconds / limit.cpu_seconds,
+           'ratio_to_fedjax': t.seconds / fedjax.seconds if fedjax else None,
+           'gflop': flops / 1e9 if flops else None,
+           'ratio_to_arithmetic_limit': t.seconds / arithmetic_s if arithmetic_s else None,
+           'auto_picks': auto,
            'fedjax_anchor_seconds': ANCHORS.get(name)}
           for variant, t in timings.items()], skipped
 
@@ -238,30 +392,52 @@ def machine() -> str:
           f'{jax.default_backend()} backend, jax {jax.__version__}')
 
 
+# The strategies timed (rolled local steps) per user-model convolutional workload,
+# and whether the Python-loop baseline runs: a full sweep at 100 clients takes an
+# hour ('vmap' alone runs ~60 s rounds there, 'chunked' ~35 s).
+CONV_VARIANTS = {'stock_cnn_10': (['vmap', 'chunked', 'sequential', 'loop'], True),
+                 'stock_cnn_100': (['sequential'], False),
+                 'resnet_10': (['vmap', 'chunked', 'sequential', 'loop'], True),
+                 'resnet_100': (['sequential'], False)}
+
+
 def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
-        seeds: int | None = None, workloads: list[str] | None = None) -> dict:
+        seeds: int | None = None, workloads: list[str] | None = None,
+        fedjax_python: str | None = None) -> dict:
   """Runs the benchmark table; `quick` times only the small workloads, briefly.
 
+  `fedjax_python`: a Python interpreter with FedJAX 0.0.17 installed; FedJAX's
+  round is then timed in the same turns as ours (CNN and MLP workloads).
   `dataset` and `seeds` are accepted for the study contract and unused (timing
   uses fixed synthetic inputs and one seed).
   """
+  if fedjax_python is not None and not os.access(fedjax_python, os.X_OK):
+    raise ValueError(f'--fedjax-python {fedjax_python!r} is not an executable file')
   del dataset, seeds
   reporting.prepare_run_dir(run_dir)
   if workloads is None:
-    workloads = ['logreg_synthetic', 'mlp_100'] if quick else list(WORKLOADS)
+    workloads = (['logreg_synthetic', 'mlp_100'] if quick else
+                 ['logreg_synthetic', 'mlp_100', 'cnn_10', 'cnn_100', 'stock_cnn_10',
+                  'stock_cnn_100', 'resnet_10'])
   for w in workloads:
     if w not in WORKLOADS:
       raise ValueError(f'unknown workload {w!r}; valid: {", ".join(WORKLOADS)}')
   warmup, repeats = (1, 3) if quick else (2, 9)
+  peak = matmul_peak_gflops()
+  print(f'float32 matmul peak now: {peak:.0f} GFLOP/s', flush=True)
   reporting.write_config(run_dir, {'study': 'benchmark', 'quick': quick, 'workloads': workloads,
                                    'batch_size': BATCH, 'examples_per_client': EXAMPLES,
-                                   'warmup': warmup, 'repeats': repeats, 'machine': machine()})
+                                   'warmup': warmup, 'repeats': repeats, 'machine': machine(),
+                                   'fedjax_python': fedjax_python,
+                                   'matmul_peak_gflops': peak})
   rows, skipped = [], []
   for w in workloads:
-    slow = w.startswith('cnn')
+    slow = 'cnn' in w
     # Seconds-long CNN rounds need no settling round (and could not afford one).
     kwargs = dict(warmup=1 if slow else warmup, repeats=3 if slow else repeats,
-                  settle=0 if slow else 1)
+                  settle=0 if slow else 1, fedjax_python=fedjax_python, peak_gflops=peak)
+    if w in CONV_VARIANTS:
+      kwargs.update(strategies=CONV_VARIANTS[w][0], unrolls=(1,), baseline=CONV_VARIANTS[w][1])
     if quick:
       kwargs.update(strategies=['vmap', 'sequential'], unrolls=(1,), warmup=1, repeats=2,
                     baseline=w == 'logreg_synthetic')
@@ -269,30 +445,44 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
     skipped += not_run
     reporting.append_metrics(run_dir, new)
     for r in new:
+      vs_fedjax = (f"×{r['ratio_to_fedjax']:.2f} FedJAX measured now; "
+                   if r['ratio_to_fedjax'] is not None else '')
+      arithmetic = (f"×{r['ratio_to_arithmetic_limit']:.1f} arithmetic limit; "
+                    if r['ratio_to_arithmetic_limit'] is not None else '')
       print(f"{r['workload']:18s} {r['variant']:28s} {r['seconds']:9.4f} s "
-            f"(×{r['ratio_to_limit']:.2f} limit; CPU {r['cpu_seconds']:.4f} s, "
-            f"×{r['cpu_ratio_to_limit']:.2f}; compile {r['compile_seconds']:.1f} s; "
-            f"XLA temp {r['xla_temp_mb'] or 0:.1f} MB)", flush=True)
+            f"(×{r['ratio_to_limit']:.2f} limit; {vs_fedjax}{arithmetic}"
+            f"CPU {r['cpu_seconds']:.4f} s, ×{r['cpu_ratio_to_limit']:.2f}; "
+            f"compile {r['compile_seconds']:.1f} s; XLA temp {r['xla_temp_mb'] or 0:.1f} MB)",
+            flush=True)
+    if new and new[0]['fedjax_anchor_seconds'] is not None and not any(
+        r['variant'] == 'fedjax' for r in new):
+      print(f"{w}: FedJAX 0.0.17 took {new[0]['fedjax_anchor_seconds']} s/round when recorded "
+            f"({ANCHORS_RECORDED}); not measured in this run", flush=True)
     rows += new
+  blank = lambda v: '' if v is None else v
   table = [(r['workload'], r['variant'], r['seconds'], r['ratio_to_limit'], r['cpu_seconds'],
-            r['cpu_ratio_to_limit'], r['compile_seconds'],
-            r['xla_temp_mb'] if r['xla_temp_mb'] is not None else '',
-            r['fedjax_anchor_seconds'] if r['fedjax_anchor_seconds'] is not None else '')
+            r['cpu_ratio_to_limit'], r['compile_seconds'], blank(r['xla_temp_mb']),
+            blank(r['ratio_to_fedjax']), blank(r['gflop']),
+            blank(r['ratio_to_arithmetic_limit']), blank(r['fedjax_anchor_seconds']))
            for r in rows]
   reporting.write_summary(
       run_dir, 'FedAvg round time (median steady-state round)',
       ['workload', 'variant', 's/round', '× limit', 'CPU s/round', 'CPU × limit', 'compile s',
-       'XLA temp MB', 'FedJAX s/round'], table,
+       'XLA temp MB', '× FedJAX (this run)', 'GFLOP', '× arithmetic limit',
+       f'FedJAX s/round recorded {ANCHORS_RECORDED}'], table,
       notes=f'Machine: {machine()}. Synthetic random inputs of the right shapes (timing only). '
             'Wall-clock and process CPU time (all threads) of the median steady round, the '
             'variants of a workload timed in turns (interleaved), each timed round of '
             'the dense workloads after one untimed round of the same variant. XLA temp MB: '
             'the compiled program\'s scratch memory (`memory_analysis().temp_size_in_bytes`), '
             'besides its inputs (the round\'s data) and outputs. '
+            f'Arithmetic limit: GFLOP / {peak:.0f} GFLOP/s (float32 matmul measured at the '
+            'start of this run). × FedJAX: against FedJAX 0.0.17 timed in the same turns '
+            '(subprocess, `--fedjax-python`). '
             + (f'Not run: {"; ".join(skipped)}.' if skipped else ''))
   best = {}
   for r in rows:
-    if r['variant'] not in ('limit', 'python_loop'):
+    if r['variant'] not in ('limit', 'python_loop', 'fedjax'):
       if r['workload'] not in best or r['seconds'] < best[r['workload']]['seconds']:
         best[r['workload']] = r
   series = {}
@@ -303,7 +493,9 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
                        xlabel='variant index (see summary.md)', ylabel='round time / limit',
                        title='FedAvg round time relative to the centralized limit')
   return {w: {'best_variant': r['variant'], 'seconds': r['seconds'],
-              'ratio_to_limit': r['ratio_to_limit'], 'cpu_seconds': r['cpu_seconds'],
+              'ratio_to_limit': r['ratio_to_limit'], 'ratio_to_fedjax': r['ratio_to_fedjax'],
+              'ratio_to_arithmetic_limit': r['ratio_to_arithmetic_limit'],
+              'auto_picks': r['auto_picks'], 'cpu_seconds': r['cpu_seconds'],
               'cpu_ratio_to_limit': r['cpu_ratio_to_limit']} for w, r in best.items()}
 
 

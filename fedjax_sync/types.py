@@ -67,12 +67,17 @@ class Algorithm(NamedTuple):
     num_clients: the population N the algorithm was built for (its per-client
       state is `[N, ...]`), or None when it keeps none; the drivers check it
       against the data's number of clients.
+    personalize: `(params, client_state) -> params` one client is evaluated with
+      (FedBN: the shared layers and the client's own batch-norm layers), or None
+      when every client uses the global params; the drivers' per-client
+      evaluation applies it to `ServerState.client_states`.
   """
 
   init: Callable[[Params], ServerState]
   round: Callable[[ServerState, ClientBatch, jax.Array], tuple[ServerState, Metrics]]
   name: str = 'algorithm'
   num_clients: int | None = None
+  personalize: Callable[[Params, PyTree], Params] | None = None
 
 
 class PerExampleLoss(Protocol):

@@ -134,7 +134,9 @@ def test_per_client_evaluation_uses_each_clients_own_layers():
 def test_registry_and_errors():
   model, batch, _, params = _setup()
   algorithm = fs.build_algorithm('fedbn', model.loss, num_clients=NUM_CLIENTS)
-  assert algorithm.name == 'fedbn'
+  assert algorithm.name == 'fedbn' and algorithm.personalize is personalized_params
+  clocked = fs.simulate.with_clock(algorithm, fs.simulate.make_clock(np.ones(NUM_CLIENTS)))
+  assert clocked.personalize is personalized_params
   assert 'fedbn' in fs.algorithms.algorithm_names()
   stateless = mlp((4,), 3).init(jax.random.key(0))
   with pytest.raises(ValueError, match='stateful model.*Dense_0'):

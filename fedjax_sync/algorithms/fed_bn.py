@@ -122,13 +122,14 @@ def fed_bn(loss_fn: Callable, client_optimizer: optax.GradientTransformation, *,
   if not local_collections or 'params' in local_collections:
     raise ValueError(f'local_collections must name state collections other than "params", '
                      f'got {local_collections!r}')
-  return federated_algorithm(
+  algorithm = federated_algorithm(
       fed_bn_update(loss_fn, client_optimizer, local_collections=local_collections,
                     local_affine=local_affine, unroll=unroll),
       server_optimizer=server_optimizer or optax.sgd(1.0), aggregator=aggregator,
       num_clients=num_clients,
       init_client_state=lambda params: local_part(params, local_collections, local_affine),
       execution=execution, name=name)
+  return algorithm._replace(personalize=personalized_params)
 
 
 def _build(loss, h: Hyperparameters, **kw):

@@ -284,7 +284,8 @@ def with_clock(algorithm: Algorithm, clock: ClientClock,
     return new_state, metrics
 
   return Algorithm(init=algorithm.init, round=round_fn, name=f'{algorithm.name}+clock',
-                   num_clients=getattr(algorithm, 'num_clients', None))
+                   num_clients=getattr(algorithm, 'num_clients', None),
+                   personalize=getattr(algorithm, 'personalize', None))
 
 
 def _check_positive_int(value, name: str) -> None:

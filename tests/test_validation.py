@@ -312,7 +312,8 @@ def test_local_step_checks_the_loss_shape():
   step = fs.make_local_step(lambda p, b, k: b['x'] @ p, optax.sgd(0.1))
   batch = {'x': jnp.ones((3, 2))}
   params = jnp.zeros((2,))
-  step(params, optax.sgd(0.1).init(params), batch, jnp.ones((3,), bool), jax.random.key(0))
+  args = (params, optax.sgd(0.1).init(params), batch, jnp.ones((3,), bool), jax.random.key(0))
+  jax.eval_shape(step, *args)  # the check runs while tracing: no need to execute
   bad = fs.make_local_step(lambda p, b, k: b['x'] * p[None], optax.sgd(0.1))  # [B, 2]
   with pytest.raises(ValueError, match=r'got shape \(3, 2\)'):
-    bad(params, optax.sgd(0.1).init(params), batch, jnp.ones((3,), bool), jax.random.key(0))
+    jax.eval_shape(bad, *args)

@@ -91,7 +91,6 @@ def block_schedule(start: int, total: int, eval_every: int,
     r = end
 
 
-def _scalar_metrics(stacked: dict[str, np.ndarray], index: int) -> dict[str, float]:
 def fresh_buffers(state):
   """A copy of `state` whose array leaves are new, pairwise distinct buffers.
 
@@ -131,6 +130,7 @@ def distinct_buffers(state):
   return jax.tree.map(one, state)
 
 
+def _scalar_metrics(stacked: dict[str, np.ndarray], index: int) -> dict[str, float]:
   row = {}
   for k, v in stacked.items():
     x = v[index]
@@ -220,8 +220,8 @@ class Simulator:
     The input state's buffers are donated: do not use `state` afterwards (a leaf
     repeated in `state` is copied first, so any state can be donated).
     """
-    return self._block(state, length)(state, jnp.asarray(start, jnp.int32))
     state = distinct_buffers(state)
+    return self._block(state, length)(state, jnp.asarray(start, jnp.int32))
 
   def evaluate(self, params: Params) -> dict[str, Any]:
     return jax.device_get(self._evaluate(params))
@@ -252,10 +252,10 @@ class Simulator:
     compile_seconds = 0.0
     started = time.perf_counter()
     evaluation: dict[str, Any] = {}
+    state = fresh_buffers(state)
     try:
       for r, length, evaluate_now in block_schedule(start_round, cfg.num_rounds, cfg.eval_every,
                                                     block_every):
-    state = fresh_buffers(state)
         if length not in self._blocks:
           t0 = time.perf_counter()
           self._block(state, length)

@@ -293,3 +293,20 @@ def test_shakespeare_study_quick(tmp_path):
   assert os.path.getsize(os.path.join(run_dir, 'accuracy.png')) > 2000
   with pytest.raises(ValueError, match="runs on 'shakespeare' only"):
     study.run(str(tmp_path / 'other'), quick=True, dataset='digits')
+
+
+def test_stackoverflow_tokenizer_and_generated_population():
+  from fedjax_sync.data import stackoverflow as so
+
+  vocab = so.build_vocabulary(['the cat sat', 'the dog', 'a cat'], vocab_size=3)
+  assert vocab == {'cat': 3, 'the': 4, 'a': 5}           # by frequency, ties alphabetical
+  x, y = so.encode_sentences(['The cat flew', 'a'], vocab, num_oov_buckets=2, sequence_length=4)
+  oov = 6 + __import__('zlib').crc32(b'flew') % 2
+  np.testing.assert_array_equal(x, [[so.BOS, 4, 3, oov], [so.BOS, 5, so.EOS, so.PAD]])
+  np.testing.assert_array_equal(y, [[4, 3, oov, so.EOS], [5, so.EOS, so.PAD, so.PAD]])
+  data = so.generated_stackoverflow(500, seed=1, vocab_size=50)
+  assert data.num_clients == 500 and data.num_classes == 54 and data.train['x'].dtype == np.uint16
+  assert data.counts.min() >= 1 and data.counts.max() > 5 * np.median(data.counts)  # heavy tail
+  tx, ty = data.train['x'], data.train['y']
+  np.testing.assert_array_equal(tx[:, 1:], ty[:, :-1])   # next-word targets
+  assert (tx[:, 0] == so.BOS).all() and ty.max() < 54

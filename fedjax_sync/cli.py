@@ -7,10 +7,16 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
 USAGE_ERROR = 2
+NONFINITE_RUN = 3   # the run finished but its loss or model became NaN/Inf
+# Counts, sizes, rounds and steps index int32 arrays inside the compiled rounds.
+MAX_COUNT = 2**31 - 1
+# jax.random.key takes a uint32 seed: 2**32 would silently wrap to seed 0.
+MAX_SEED = 2**32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,9 +30,24 @@ def _positive_int(text: str) -> int:
   try:
     value = int(text)
   except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    raise argparse.ArgumentTypeError(f'{text!r} is not an integer; valid: 1 to {MAX_COUNT}'
+                                     ) from None
   if value < 1:
     raise argparse.ArgumentTypeError(f'{text!r} must be a positive integer')
+  if value > MAX_COUNT:
+    raise argparse.ArgumentTypeError(f'{text!r} is too large; valid: 1 to {MAX_COUNT} '
+                                     '(int32 counts)')
+  return value
+
+
+def _seed(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = None
+  if value is None or not 0 <= value <= MAX_SEED:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a valid seed; valid: an integer from 0 '
+                                     f'to {MAX_SEED} (2^32 - 1)')
   return value
 
 
@@ -92,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--kappa-decay', type=_positive_float, default=1.0,
                    help='Kuramoto-FedAvg schedule κ_t = κ0 · decay^t')
   run.add_argument('--eval-every', type=_positive_int, default=10)
-  run.add_argument('--seed', type=int, default=0)
+  run.add_argument('--seed', type=_seed, default=0, help=f'0 to {MAX_SEED}')
   run.add_argument('--execution', default='auto', choices=STRATEGIES,
                    help="client execution (default 'auto': sequential on CPU, vmap on GPU/TPU)")
   run.add_argument('--chunk-size', type=_positive_int, default=None)
@@ -123,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        '(experiments/benchmark.py)')
   bench.add_argument('--run-dir', default=None, help='default: runs/benchmark-<time>')
   bench.add_argument('--quick', action='store_true', help='small workloads, few repeats')
+  bench.add_argument('--fedjax-python', default=None, metavar='PATH',
+                     help='a Python with FedJAX 0.0.17 installed: time FedJAX\'s round on the '
+                          'CNN and MLP workloads in the same turns as ours')
   bench.add_argument('--workloads', nargs='+', default=None,
                      help='mlp_100 cnn_10 cnn_100 logreg_synthetic (default: all)')
 
@@ -138,17 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument('--min-speeches', type=_positive_int, default=2,
                        help='speeches a role needs to become a client (default 2)')
   return parser
-
-
-def _make_run_dir(path: str | None, name: str) -> str:
-  if path is None:
-    path = os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'--run-dir {path!r} exists and is not a directory')
-  if os.path.isdir(path) and os.listdir(path):
-    raise ValueError(f'--run-dir {path!r} is not empty; choose a new directory')
-  os.makedirs(path, exist_ok=True)
-  return path
 
 
 def _dataset(text: str) -> str:
@@ -177,25 +190,306 @@ def _prepare(args) -> int:
   return 0
 
 
-def _run(args) -> int:
+def _one_line(error: BaseException) -> str:
+  return ' '.join(str(error).split()) or type(error).__name__
+
+
+def _bytes(n: float) -> str:
+  for unit in ('B', 'KB', 'MB', 'GB', 'TB', 'PB'):
+    if n < 1000 or unit == 'PB':
+      return f'{n:.3g} {unit}'
+    n /= 1000
+  return f'{n:.3g} PB'
+
+
+def _host_memory() -> int:
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def _device_memory() -> tuple[int, str]:
+  """The memory a round's arrays live in: the accelerator's, else the host's."""
+  import jax
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if stats.get('bytes_limit'):
+    return int(stats['bytes_limit']), f'{device.platform.upper()} device'
+  return _host_memory(), 'host'
+
+
+class _NewRunDirectory:
+  """The run directory of a new run: checked before any work, created when the run starts.
+
+  If the run then fails before its first round is written, what this invocation
+  created is removed, so the same command can be run again; completed rounds are
+  never removed.
+  """
+
+  def __init__(self, path: str, option: str = '--run-dir'):
+    self.path = path
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f'{option} {path!r} exists and is not a directory; valid: a new or '
+                       'empty directory')
+    if os.path.isdir(path) and os.listdir(path):
+      raise ValueError(f'{option} {path!r} is not empty; choose a new directory (or continue '
+                       f'a checkpointed run with --resume {path})')
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+      ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+      raise ValueError(f'{option} {path!r}: {ancestor!r} is a file, not a directory; valid: a '
+                       'path whose existing parts are directories')
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+      raise ValueError(f'{option} {path!r}: {ancestor!r} is not writable')
+    self._existed = os.path.isdir(path)
+    self._top_created = None
+
+  def create(self) -> str:
+    top, p = None, os.path.abspath(self.path)
+    while not os.path.exists(p):
+      top, p = p, os.path.dirname(p)
+    os.makedirs(self.path, exist_ok=True)
+    self._top_created = top
+    return self.path
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    from fedjax_sync import reporting
+    if kind is None or reporting.last_metrics_round(self.path) > 0:
+      return False
+    top = self._top_created or (None if self._existed else os.path.abspath(self.path))
+    if top is not None and os.path.isdir(top):
+      shutil.rmtree(top, ignore_errors=True)
+    elif self._existed and os.path.isdir(self.path):   # it was empty: empty it again
+      for name in os.listdir(self.path):
+        entry = os.path.join(self.path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+          shutil.rmtree(entry, ignore_errors=True)
+        else:
+          os.remove(entry)
+    return False
+
+
+# `run --resume` may change these; `--rounds` only upwards (it extends the run).
+_RESUME_MAY_CHANGE = ('quiet', 'checkpoint_every', 'data_dir', 'data_path')
+# Options that do not change what a run computes (not part of a checkpoint's identity).
+_NOT_IDENTITY = ('command', 'rounds', 'eval_every', 'quiet', 'checkpoint_every', 'run_dir',
+                 'resume', 'config', 'quick', 'seeds', 'data_dir', 'data_path')
+
+
+def _run_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+  for action in parser._actions:   # noqa: SLF001 - argparse exposes no public accessor
+    if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+      return {a.dest: a for a in action.choices['run']._actions if a.dest != 'help'}  # noqa: SLF001
+  raise AssertionError('no run subcommand')
+
+
+def _flag(dest: str) -> str:
+  return '--' + dest.replace('_', '-')
+
+
+def _given_options(argv: list[str]) -> set[str]:
+  """The `run` options written on the command line (not left at their defaults)."""
+  parser = build_parser()
+  for action in _run_options(parser).values():
+    action.default = argparse.SUPPRESS
+  return set(vars(parser.parse_args(argv))) - {'command'}
+
+
+def _check_saved_option(action: argparse.Action, value, config_file: str) -> None:
+  bad = f'{config_file}: cli_args {action.dest!r} = {value!r} is not a valid {_flag(action.dest)}'
+  if value is None:
+    if action.default is not None:
+      raise ValueError(bad)
+    return
+  if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # noqa: SLF001
+    if not isinstance(value, bool):
+      raise ValueError(bad + '; valid: true or false')
+    return
+  if action.type in (_positive_int, _seed) and (isinstance(value, bool)
+                                                or not isinstance(value, int)):
+    raise ValueError(bad + '; valid: an integer')
+  if action.type in (_positive_float, _non_negative_float) and (
+      isinstance(value, bool) or not isinstance(value, (int, float))):
+    raise ValueError(bad + '; valid: a number')
+  if action.type is None and not isinstance(value, str):
+    raise ValueError(bad + '; valid: a string')
+  if action.type is not None:
+    try:
+      action.type(str(value))
+    except (argparse.ArgumentTypeError, ValueError) as e:
+      raise ValueError(f'{bad} ({_one_line(e)})') from None
+  if action.choices is not None and value not in action.choices:
+    raise ValueError(bad + f'; valid: {", ".join(map(str, action.choices))}')
+
+
+def _resumed_args(args, given: set[str]) -> argparse.Namespace:
+  """The options of the run in `args.resume` (its config.json), checked against `given`.
+
+  Reads only. An option given on the command line that contradicts the saved one is
+  an error; `--rounds` may extend the run; `_RESUME_MAY_CHANGE` may change.
+  """
+  run_dir = args.resume
+  how = 'valid: a run directory written by fedjax-sync run --checkpoint-every K'
+  if not os.path.isdir(run_dir):
+    raise ValueError(f'--resume {run_dir!r}: no such directory; {how}')
+  config_file = os.path.join(run_dir, 'config.json')
+  if not os.path.isfile(config_file):
+    raise ValueError(f'--resume {run_dir!r}: {config_file} is missing; {how}')
+  try:
+    with open(config_file, encoding='utf-8') as f:
+      record = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'--resume {run_dir!r}: {config_file} is not valid JSON ({e}); '
+                     'nothing was changed') from None
+  saved = record.get('cli_args') if isinstance(record, dict) else None
+  if not isinstance(saved, dict):
+    raise ValueError(f'--resume {run_dir!r}: {config_file} has no "cli_args" object (it was '
+                     f'not written by fedjax-sync run); {how}')
+  actions = _run_options(build_parser())
+  unknown = sorted(set(saved) - set(actions) - {'command'})
+  if unknown:
+    raise ValueError(f'--resume {run_dir!r}: {config_file} has unknown option(s) '
+                     f'{", ".join(unknown)}; valid: {", ".join(sorted(actions))}')
+  for dest, value in saved.items():
+    if dest in actions:
+      _check_saved_option(actions[dest], value, config_file)
+  merged = {dest: action.default for dest, action in actions.items()}
+  merged.update(saved)
+  for dest in sorted(given - {'resume', 'rounds', *_RESUME_MAY_CHANGE}):
+    mine, theirs = getattr(args, dest), merged.get(dest)
+    if dest == 'run_dir' and mine is not None and os.path.realpath(mine) == os.path.realpath(
+        run_dir):
+      continue
+    if mine != theirs:
+      raise ValueError(f'{_flag(dest)} {mine!r} contradicts the run being resumed '
+                       f'({config_file} has {theirs!r}); with --resume give only --rounds (to '
+                       'extend the run), --checkpoint-every, --quiet, --data-dir, --data-path')
+  if 'rounds' in given:
+    if args.rounds < merged['rounds']:
+      raise ValueError(f'--rounds {args.rounds} is fewer than the {merged["rounds"]} rounds of the '
+                       f'run being resumed ({config_file}); valid: --rounds ≥ {merged["rounds"]} '
+                       '(more extends the run)')
+    merged['rounds'] = args.rounds
+  for dest in _RESUME_MAY_CHANGE:
+    if dest in given:
+      merged[dest] = getattr(args, dest)
+  merged.update(command='run', resume=run_dir, run_dir=run_dir)
+  return argparse.Namespace(**merged)
+
+
+# Synthetic(α, β) gives client k ⌊LogNormal(4, 2)⌋ + 50 examples: e^(4 + 2²/2) + 50 ≈ 453
+# on average, of 60 float32 features, held about three times while building and
+# placing them (float64 draws, host arrays, device arrays).
+_SYNTHETIC_BYTES_PER_CLIENT = 453 * 60 * 4 * 3
+
+
+def _check_population(args) -> None:
+  if args.dataset in ('synthetic', 'synthetic_iid'):
+    need = args.num_clients * _SYNTHETIC_BYTES_PER_CLIENT
+    have = _host_memory()
+    if need > have:
+      raise ValueError(
+          f'--num-clients {args.num_clients}: the {args.dataset} dataset would need about '
+          f'{_bytes(need)} (≈ 453 examples of 60 features per client), more than the '
+          f'{_bytes(have)} of memory here; valid: --num-clients ≤ '
+          f'{have // _SYNTHETIC_BYTES_PER_CLIENT:,}')
+
+
+def _check_round_size(args, data, work) -> None:
+  """Errors naming the options when one round's client batches cannot fit."""
+  import numpy as np
+
+  steps = work.num_steps(int(np.max(data.counts)))
+  steps_option = ('--local-epochs' if args.local_epochs else '--local-steps')
+  per_client = steps * args.batch_size
+  if per_client > MAX_COUNT:
+    raise ValueError(
+        f'--batch-size {args.batch_size} × {steps} local steps ({steps_option}) = '
+        f'{per_client:,} examples per client per round; valid: batch size × local steps ≤ '
+        f'{MAX_COUNT:,} (int32 positions)')
+  example_bytes = 4 + sum(int(np.dtype(v.dtype).itemsize * np.prod(v.shape[1:], dtype=np.int64))
+                          for v in data.train.values())
+  examples = args.clients_per_round * per_client
+  have, where = _device_memory()
+  if examples * example_bytes > have:
+    raise ValueError(
+        f'--clients-per-round {args.clients_per_round} × {steps} local steps ({steps_option}) × '
+        f'--batch-size {args.batch_size} = {examples:,} examples of {example_bytes} bytes '
+        f'({_bytes(examples * example_bytes)}) per round, more than the {_bytes(have)} of '
+        f'{where} memory; valid: clients per round × local steps × batch size ≤ '
+        f'{have // example_bytes:,}')
+
+
+def _load_data(args):
+  from fedjax_sync.data.registry import load_dataset
+
+  _check_population(args)
+  try:
+    return load_dataset(args.dataset, num_clients=args.num_clients, seed=args.seed,
+                        data_dir=getattr(args, 'data_dir', None), **_data_path(args))
+  except ImportError as e:
+    from fedjax_sync.data.registry import dataset_names
+    raise ValueError(f'--dataset {args.dataset!r}: {_one_line(e)}; or choose another '
+                     f'--dataset (valid: {", ".join(dataset_names())})') from None
+
+
+def _models_fitting(input_shape, num_classes) -> list[str]:
+  import jax
+  from fedjax_sync.models import MODELS, get_model
+
+  fitting = []
+  for name in sorted(MODELS):
+    try:
+      model = get_model(name, input_shape, num_classes)
+      jax.eval_shape(model.init, jax.random.key(0))
+    except Exception:  # noqa: BLE001 - any failure means: does not fit this data
+      continue
+    fitting.append(name)
+  return fitting
+
+
+def _model_error(args, model_name, data, error) -> ValueError:
+  shape = tuple(data.train['x'].shape[1:])
+  fitting = _models_fitting(shape, data.num_classes)
+  return ValueError(f'--model {model_name!r} does not fit --dataset {args.dataset!r} (examples '
+                    f'of shape {shape}): {_one_line(error)}; valid for this data: '
+                    f'{", ".join(fitting) or "none"}')
+
+
+def _run(args, given: set[str] = frozenset()) -> int:
   import fedjax_sync as fs
-  from fedjax_sync.data.registry import default_model, load_dataset
+  from fedjax_sync.data.registry import default_model
   from fedjax_sync.simulate import checkpoint
 
   if args.config is not None:
+    if args.resume is not None:
+      raise ValueError('--config and --resume cannot be combined; valid: --resume RUN_DIR '
+                       'alone (its config.json gives the options)')
     return _run_config(args)
-  if args.resume is not None:
-    args = checkpoint.resumed_cli_args(args)
+  resuming = args.resume is not None
+  if resuming:
+    args = _resumed_args(args, given)
+  else:   # check the directory before any work; create it only when the run starts
+    default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')
+    new_dir = _NewRunDirectory(args.run_dir or default)
   if args.dataset is None:
     args.dataset = 'synthetic'
 
-  data = load_dataset(args.dataset, num_clients=args.num_clients, seed=args.seed,
-                      data_dir=getattr(args, 'data_dir', None), **_data_path(args))
+  data = _load_data(args)
   model_name = args.model or default_model(args.dataset)
-  input_shape = data.train['x'].shape[1:]
-  model = fs.models.get_model(model_name, input_shape, data.num_classes)
   if args.chunk_size is not None and args.execution != 'chunked':
     raise ValueError(f"--chunk-size applies to --execution chunked, not {args.execution!r}")
+  steps = args.local_steps if (args.local_steps or args.local_epochs) else 20
+  work = fs.LocalWork(batch_size=args.batch_size, epochs=args.local_epochs,
+                      steps=None if args.local_epochs else steps)
+  _check_round_size(args, data, work)
+  input_shape = data.train['x'].shape[1:]
+  try:
+    model = fs.models.get_model(model_name, input_shape, data.num_classes)
+  except (TypeError, ValueError) as e:
+    raise _model_error(args, model_name, data, e) from None
   mesh = fs.client_mesh() if args.shard else None
   execution = fs.ClientExecution(args.execution, args.chunk_size, mesh).validate()
   hparams = fs.Hyperparameters(
@@ -205,31 +499,50 @@ def _run(args) -> int:
       kappa=args.kappa, kappa_decay=args.kappa_decay)
   algorithm = fs.build_algorithm(args.algorithm, model.loss, hparams,
                                  num_clients=data.num_clients, execution=execution)
-  steps = args.local_steps if (args.local_steps or args.local_epochs) else 20
-  work = fs.LocalWork(batch_size=args.batch_size, epochs=args.local_epochs,
-                      steps=None if args.local_epochs else steps)
   config = fs.SimulationConfig(num_rounds=args.rounds, clients_per_round=args.clients_per_round,
                                local_work=work, eval_every=args.eval_every, seed=args.seed)
   simulator = fs.Simulator(algorithm, model, data, config, execution=execution)
-  run_dir = args.resume or _make_run_dir(args.run_dir, args.algorithm)
-  with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-    json.dump({'command': 'run', 'algorithm': args.algorithm, 'dataset': args.dataset,
-               'model': model_name, 'num_clients': data.num_clients,
-               'hyperparameters': dataclasses.asdict(hparams),
-               'simulation': {**dataclasses.asdict(config), 'local_work': work._asdict()},
-               'execution': {'strategy': args.execution, 'chunk_size': args.chunk_size,
-                             'devices': execution.num_shards},
-               'cli_args': {k: v for k, v in vars(args).items() if k != 'resume'}}, f, indent=2)
-  if args.checkpoint_every or args.resume:
-    result = checkpoint.run_with_checkpoints(simulator, run_dir=run_dir, every=args.checkpoint_every,
-                                             resume=args.resume is not None,
-                                             progress=not args.quiet)
+  try:
+    state = simulator.init()
+  except (TypeError, ValueError) as e:
+    raise _model_error(args, model_name, data, e) from None
+  identity = {**checkpoint.simulation_identity(simulator), 'model': model_name,
+              'options': {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IDENTITY}}
+
+  def write_config(run_dir):
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+      json.dump({'command': 'run', 'algorithm': args.algorithm, 'dataset': args.dataset,
+                 'model': model_name, 'num_clients': data.num_clients,
+                 'hyperparameters': dataclasses.asdict(hparams),
+                 'simulation': {**dataclasses.asdict(config), 'local_work': work._asdict()},
+                 'execution': {'strategy': args.execution, 'chunk_size': args.chunk_size,
+                               'devices': execution.num_shards},
+                 'cli_args': {k: v for k, v in vars(args).items() if k != 'resume'}}, f,
+                indent=2)
+
+  if resuming:
+    run_dir = args.resume
+    result = checkpoint.run_with_checkpoints(
+        simulator, state, run_dir=run_dir, every=args.checkpoint_every, resume=True,
+        progress=not args.quiet, identity=identity, on_start=lambda _: write_config(run_dir))
   else:
-    result = simulator.run(simulator.init(), run_dir=run_dir, progress=not args.quiet)
+    with new_dir:
+      run_dir = new_dir.create()
+      write_config(run_dir)
+      if args.checkpoint_every:
+        result = checkpoint.run_with_checkpoints(simulator, state, run_dir=run_dir,
+                                                 every=args.checkpoint_every,
+                                                 progress=not args.quiet, identity=identity)
+      else:
+        result = simulator.run(state, run_dir=run_dir, progress=not args.quiet)
   final = result.final_eval
   print(f'{args.algorithm} on {data.name}: test accuracy {float(final["test_accuracy"]):.4f}, '
         f'test loss {float(final["test_loss"]):.4f} after {args.rounds} rounds '
         f'({result.run_seconds:.1f} s, compile {result.compile_seconds:.1f} s); results in {run_dir}')
+  if getattr(result, 'nonfinite_round', None) is not None:
+    print(f'fedjax-sync: error: the run became non-finite (NaN/Inf) at round '
+          f'{result.nonfinite_round}; see metrics.jsonl', file=sys.stderr)
+    return NONFINITE_RUN
   return 0
 
 
@@ -278,10 +591,27 @@ def _load_study(path: str):
   name = 'fedjax_sync_study_' + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ValueError(f'--config {path!r}: syntax error at line {e.lineno}: {e.msg}') from None
+  except Exception as e:  # noqa: BLE001 - the study's own error, reported in one line
+    raise _study_error(path, 'while loading', e) from None
   if not callable(getattr(module, 'run', None)):
     raise ValueError(f'--config {path!r} defines no run(run_dir, *, quick, dataset, seeds)')
   return module
+
+
+def _study_error(path: str, when: str, error: Exception) -> ValueError:
+  """`--config PATH raised E at line N: ...`, the line being the study file's own."""
+  import traceback
+
+  line = ''
+  for frame in traceback.extract_tb(error.__traceback__):
+    if os.path.abspath(frame.filename) == os.path.abspath(path):
+      line = f' at line {frame.lineno}'
+  return ValueError(f'--config {path!r} raised {type(error).__name__}{line} {when}: '
+                    f'{_one_line(error)}')
 
 
 def _run_config(args) -> int:
@@ -290,15 +620,20 @@ def _run_config(args) -> int:
   module = _load_study(args.config)
   stem = os.path.splitext(os.path.basename(args.config))[0]
   run_dir = args.run_dir or os.path.join('runs', f'{stem}-{time.strftime("%Y%m%d-%H%M%S")}')
-  if os.path.isdir(run_dir) and os.listdir(run_dir):
-    raise ValueError(f'--run-dir {run_dir!r} is not empty; choose a new directory')
+  new_dir = _NewRunDirectory(run_dir)
   kwargs = dict(quick=args.quick, dataset=args.dataset, seeds=args.seeds)
   accepted = inspect.signature(module.run).parameters
   takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
   for key, value in (('data_dir', args.data_dir), ('progress', not args.quiet)):
     if takes_any or key in accepted:
       kwargs[key] = value
-  headline = module.run(run_dir, **kwargs)
+  with new_dir:   # the study creates it; a study failing before any round leaves nothing
+    try:
+      headline = module.run(run_dir, **kwargs)
+    except (KeyboardInterrupt, BrokenPipeError):
+      raise
+    except Exception as e:  # noqa: BLE001 - the study's own error, reported in one line
+      raise _study_error(args.config, 'in run()', e) from None
   if not args.quiet:
     print(json.dumps(headline, indent=2, default=str))
   print(f'results in {run_dir} (summary.md, metrics.jsonl, *.png)')
@@ -329,9 +664,11 @@ def _bench(args) -> int:
     raise FileNotFoundError(f'{path} not found: bench runs from a source checkout')
   spec = importlib.util.spec_from_file_location('fedjax_sync_benchmark', path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module   # flax modules defined there look their module up
   spec.loader.exec_module(module)
   run_dir = args.run_dir or os.path.join('runs', f'benchmark-{time.strftime("%Y%m%d-%H%M%S")}')
-  headline = module.run(run_dir, quick=args.quick, workloads=args.workloads)
+  headline = module.run(run_dir, quick=args.quick, workloads=args.workloads,
+                        fedjax_python=args.fedjax_python)
   print(json.dumps(headline, indent=2))
   print(f'table in {os.path.join(run_dir, "summary.md")}')
   return 0
@@ -366,14 +703,29 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+  """Runs a command; an error is one line on stderr and exit code 2, never a traceback."""
   parser = build_parser()
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(argv)
   command = args.command or 'demo'
   try:
-    return {'demo': _demo, 'list': _list, 'run': _run, 'bench': _bench,
-            'plot': _plot, 'inspect': _inspect, 'prepare': _prepare}[command](args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'fedjax-sync: error: {e}', file=sys.stderr)
+    if command == 'run':
+      code = _run(args, _given_options(argv) if args.resume is not None else set())
+    else:
+      code = {'demo': _demo, 'list': _list, 'bench': _bench,
+              'plot': _plot, 'inspect': _inspect, 'prepare': _prepare}[command](args)
+    sys.stdout.flush()
+    return code
+  except BrokenPipeError:
+    # The reader went away (`fedjax-sync list | head -1`): drop the rest quietly, and
+    # point stdout at /dev/null so that the interpreter's last flush does not fail.
+    try:
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+      pass
+    return 0
+  except (ValueError, OSError, ImportError) as e:   # FileNotFoundError is an OSError
+    print(f'fedjax-sync: error: {_one_line(e)}', file=sys.stderr)
     return USAGE_ERROR
   except KeyboardInterrupt:
     print('fedjax-sync: interrupted', file=sys.stderr)

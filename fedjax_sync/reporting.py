@@ -13,20 +13,81 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 
-def _jsonable(value):
+def _jsonable(value, nonfinite: list | None = None):
+  """`value` as plain JSON types; a NaN or ±Inf becomes None (JSON null), counted in `nonfinite`."""
   if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
+    return {str(k): _jsonable(v, nonfinite) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
+    return [_jsonable(v, nonfinite) for v in value]
   if isinstance(value, (np.floating, np.integer, np.bool_)):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if hasattr(value, 'tolist') and hasattr(value, 'dtype'):  # jax arrays
-    return np.asarray(value).tolist()
+    value = value.item()
+  elif isinstance(value, np.ndarray) or (hasattr(value, 'tolist') and hasattr(value, 'dtype')):
+    return _jsonable(np.asarray(value).tolist(), nonfinite)   # jax and numpy arrays
   if isinstance(value, float) and not math.isfinite(value):
-    return str(value)
+    if nonfinite is not None:
+      nonfinite.append(value)
+    return None
   return value
+
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def metrics_line(row: Mapping[str, Any]) -> str:
+  """One `metrics.jsonl` line: strict JSON, each NaN/Inf written as null and counted.
+
+  A row with non-finite values gets `nonfinite_metrics`, their number, so a reader
+  can tell a diverged metric (null) from one that was not computed (absent).
+  """
+  nonfinite: list = []
+  clean = _jsonable(row, nonfinite)
+  if nonfinite:
+    clean['nonfinite_metrics'] = len(nonfinite)
+  return json.dumps(clean, allow_nan=False) + '\n'
+
+
+def last_metrics_round(run_dir: str) -> int:
+  """The largest `round` in `run_dir/metrics.jsonl`; 0 when there is no such row or file."""
+  path = os.path.join(run_dir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return 0
+  last = 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue   # a line cut by an interruption
+      if isinstance(row, dict) and isinstance(row.get('round'), int):
+        last = max(last, row['round'])
+  return last
+
+
+def open_metrics(run_dir: str, start_round: int = 0):
+  """Opens `run_dir/metrics.jsonl` to append the rounds after `start_round`.
+
+  Refuses (ValueError) when the file already holds a round after `start_round`:
+  appending would write those rounds twice.
+  """
+  last = last_metrics_round(run_dir)
+  if last > start_round:
+    path = os.path.join(run_dir, METRICS_FILE)
+    raise ValueError(
+        f'{path} already holds rounds up to {last}; running from round {start_round} would '
+        'write them twice: choose a new run directory, or continue a checkpointed run with '
+        'run_with_checkpoints(..., resume=True) (fedjax-sync run --resume)')
+  return open(os.path.join(run_dir, METRICS_FILE), 'a')
+
+
+def write_metrics(run_dir: str, rows: Iterable[Mapping[str, Any]]) -> None:
+  """Replaces `metrics.jsonl` with `rows`, atomically (a crash leaves the old file)."""
+  path = os.path.join(run_dir, METRICS_FILE)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(metrics_line(row) for row in rows)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def prepare_run_dir(path: str, *, allow_existing: bool = False) -> str:
@@ -45,10 +106,9 @@ def write_config(run_dir: str, config: Mapping[str, Any]) -> None:
 
 
 def append_metrics(run_dir: str, rows: Iterable[Mapping[str, Any]]) -> None:
-  """Appends one JSON object per row to `metrics.jsonl`."""
-  with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
-    for row in rows:
-      f.write(json.dumps(_jsonable(row)) + '\n')
+  """Appends one JSON object per row to `metrics.jsonl` (non-finite values as null)."""
+  with open(os.path.join(run_dir, METRICS_FILE), 'a') as f:
+    f.writelines(metrics_line(row) for row in rows)
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:

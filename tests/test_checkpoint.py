@@ -67,6 +67,23 @@ def test_keep_deletes_old_checkpoints(tmp_path):
   assert [r for r, _ in checkpoint.list_checkpoints(str(tmp_path))] == [4, 6]
 
 
+def test_a_stale_later_checkpoint_never_deletes_a_new_one(tmp_path):
+  # round 10 is left by an abandoned run; the resumed run saves rounds 4 and 6.
+  state = _example_state()
+  checkpoint.save(str(tmp_path), state, 10, [], keep=1)
+  for r in (4, 6):
+    checkpoint.save(str(tmp_path), state, r, [], keep=1)
+    assert r in [k for k, _ in checkpoint.list_checkpoints(str(tmp_path))]
+  assert [r for r, _ in checkpoint.list_checkpoints(str(tmp_path))] == [6, 10]
+
+
+def test_relative_checkpoint_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  checkpoint.save('rel/checkpoints', _example_state(), 3, [{'round': 3}])
+  restored = checkpoint.restore_latest('./rel/../rel/checkpoints', _example_state())
+  assert restored.rounds_done == 3 and os.path.isabs(restored.path)
+
+
 def _corrupt_largest_file(path):
   files = [os.path.join(root, f) for root, _, fs_ in os.walk(os.path.join(path, 'state'))
            for f in fs_]
@@ -162,7 +179,7 @@ def test_cli_checkpoint_every_and_resume(tmp_path, capsys):
   import shutil
   shutil.rmtree(ckpts[-1][1])
   assert cli.main(['run', '--resume', b, '--quiet']) == 0
-  assert 'resuming from' in capsys.readouterr().err
+  assert 'resumed from round 4' in capsys.readouterr().err
   with open(os.path.join(b, 'metrics.jsonl')) as f:
     rows_second = [json.loads(line) for line in f]
   assert rows_second == rows_first and len(rows_first) == 6

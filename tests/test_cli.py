@@ -14,7 +14,7 @@ from fedjax_sync.cli import main
     (['run', '--algorithm', 'fedbogus'], "invalid choice: 'fedbogus'"),
     (['run', '--rounds', '0'], "'0' must be a positive integer"),
     (['run', '--client-lr', 'fast'], "'fast' is not a number"),
-    (['run', '--dataset', 'nope'], "invalid choice: 'nope'"),
+    (['run', '--dataset', 'nope'], "unknown dataset 'nope'"),
     (['run', '--execution', 'threads'], "invalid choice: 'threads'"),
     (['frobnicate'], "invalid choice: 'frobnicate'"),
 ])

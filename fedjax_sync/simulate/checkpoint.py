@@ -12,15 +12,22 @@ A checkpoint holds everything a run needs to continue bit for bit:
 Layout: `<run_dir>/checkpoints/round_<r:08d>/` with `state/` (orbax, the state's
 leaves as a flat dict of arrays, no pickle), `history.json` and, written last,
 `meta.json` (round, leaf shapes and dtypes, and a SHA-256 digest of the leaves and
-history). A checkpoint without `meta.json` is incomplete; one whose restored bytes do
-not match the digest is corrupt; either way `restore_latest` says so and falls back
-to the previous one. The newest `keep` checkpoints are kept.
+history, and the identity of the run: algorithm, data, seed, ...). A checkpoint
+without `meta.json` is incomplete; one whose restored bytes do not match the digest
+is corrupt; one of another run (identity or state structure) does not belong here;
+`restore_latest` says so and falls back to the previous one. Saving round r keeps
+the `keep` newest checkpoints up to r and never deletes one of a later round.
+
+Paths may be relative: they are made absolute here (orbax needs absolute paths).
 
 `run_with_checkpoints` drives a `Simulator`: a checkpoint every `every` rounds (the
 compiled blocks end on those rounds), and on Ctrl-C the block in flight finishes, a
 checkpoint is saved and `RunInterrupted` (a `KeyboardInterrupt`) is raised. Resuming
-truncates `metrics.jsonl` to the restored round and continues; the final state is
-bitwise identical to an uninterrupted run with the same settings.
+never starts over on its own: without a usable checkpoint it raises `ResumeError`
+and changes nothing. Otherwise it rewrites `metrics.jsonl` from the checkpoint's
+history (dropping rows written after it, rebuilding a missing file) and continues
+from the restored round; the final state is bitwise identical to an uninterrupted
+run with the same settings.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
+from fedjax_sync import reporting
 from fedjax_sync.types import ServerState
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -50,6 +58,10 @@ class Restored(NamedTuple):
   rounds_done: int
   history: list[dict[str, Any]]
   path: str
+
+
+class ResumeError(ValueError):
+  """A run cannot be resumed; the message names the file and the reason. Nothing was changed."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -88,11 +100,37 @@ def _digest(leaves: list[np.ndarray], history_text: str) -> str:
 
 
 def checkpoint_path(directory: str, rounds_done: int) -> str:
-  return os.path.join(directory, f'round_{rounds_done:08d}')
+  return os.path.join(os.path.abspath(directory), f'round_{rounds_done:08d}')
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit - 1] + '…'
+
+
+def _canonical(identity):
+  """`identity` as it reads back from JSON (tuples as lists, numpy scalars as numbers)."""
+  return None if identity is None else json.loads(json.dumps(reporting._jsonable(identity)))
+
+
+def simulation_identity(simulator) -> dict[str, Any]:
+  """What a checkpoint must agree with to continue `simulator`'s run.
+
+  The algorithm's name, the data (name, number of clients), the seed, the sampling
+  and the local work: the state of another run may fit the same arrays (FedAvg and
+  FedProx have one structure) but continuing it would mix two runs.
+  """
+  cfg = simulator.config
+  return {'algorithm': getattr(simulator.algorithm, 'name', None),
+          'dataset': getattr(simulator.data, 'name', None),
+          'num_clients': int(simulator.data.num_clients), 'seed': cfg.seed,
+          'clients_per_round': cfg.clients_per_round, 'local_work': list(cfg.local_work),
+          'proportional_sampling': cfg.proportional_sampling}
 
 
 def list_checkpoints(directory: str) -> list[tuple[int, str]]:
   """`(rounds_done, path)` of every checkpoint directory under `directory`, oldest first."""
+  directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     return []
   out = []
@@ -103,7 +141,7 @@ def list_checkpoints(directory: str) -> list[tuple[int, str]]:
 
 
 def save(directory: str, state, rounds_done: int, history: list[dict[str, Any]], *,
-         keep: int = 2) -> str:
+         keep: int = 2, identity: dict[str, Any] | None = None) -> str:
   """Saves the state after `rounds_done` rounds and the history; returns the path.
 
   Args:
@@ -111,13 +149,18 @@ def save(directory: str, state, rounds_done: int, history: list[dict[str, Any]],
     state: the `ServerState` (any pytree of arrays).
     rounds_done: rounds completed; the next round to run.
     history: metric rows so far (JSON-serializable).
-    keep: number of newest checkpoints to keep (older ones are deleted).
+    keep: number of checkpoints kept: this one and the `keep − 1` newest before it
+      (older ones are deleted; one of a later round, left by an abandoned run, is
+      never counted nor deleted).
+    identity: what the run is (e.g. `simulation_identity(simulator)`); a restore
+      given another identity refuses this checkpoint.
   """
   import orbax.checkpoint as ocp
 
   if not isinstance(keep, int) or keep < 1:
     raise ValueError(f'keep must be a positive integer, got {keep!r}')
-  path = os.path.abspath(checkpoint_path(directory, rounds_done))
+  directory = os.path.abspath(directory)
+  path = checkpoint_path(directory, rounds_done)
   leaves = _host_leaves(state)
   history_text = json.dumps(history)
   primary = jax.process_index() == 0
@@ -133,28 +176,45 @@ def save(directory: str, state, rounds_done: int, history: list[dict[str, Any]],
       f.write(history_text)
     meta = {'format': FORMAT, 'rounds_done': int(rounds_done), 'num_leaves': len(leaves),
             'shapes': [list(x.shape) for x in leaves], 'dtypes': [x.dtype.str for x in leaves],
-            'sha256': _digest(leaves, history_text)}
+            'sha256': _digest(leaves, history_text), 'identity': _canonical(identity)}
     tmp = os.path.join(path, 'meta.json.tmp')
     with open(tmp, 'w') as f:
       json.dump(meta, f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, os.path.join(path, 'meta.json'))   # the commit point
-    for _, old in list_checkpoints(directory)[:-keep]:
+    earlier = [p for r, p in list_checkpoints(directory) if r < rounds_done]
+    for old in earlier[:max(0, len(earlier) - (keep - 1))]:
       shutil.rmtree(old, ignore_errors=True)
   return path
 
 
-def _load(path: str, like) -> Restored:
+def _identity_difference(saved: dict, expected: dict) -> str:
+  keys = [k for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
+  return ', '.join(f'{k} {saved.get(k)!r} (checkpoint) vs {expected.get(k)!r} (this run)'
+                   for k in keys)
+
+
+def _load(path: str, like, identity=None) -> Restored:
   import orbax.checkpoint as ocp
 
   meta_file = os.path.join(path, 'meta.json')
   if not os.path.isfile(meta_file):
     raise ValueError('incomplete (no meta.json: the save did not finish)')
   with open(meta_file) as f:
-    meta = json.load(f)
-  if meta.get('format') != FORMAT:
-    raise ValueError(f"unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+      meta = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{meta_file} is not valid JSON ({e})') from None
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    found = meta.get('format') if isinstance(meta, dict) else None
+    raise ValueError(f"unknown format {found!r}, expected {FORMAT!r}")
+  expected_identity = _canonical(identity)
+  saved_identity = meta.get('identity')
+  if expected_identity is not None and saved_identity is not None and (
+      saved_identity != expected_identity):
+    raise ValueError('made by another run: '
+                     + _identity_difference(saved_identity, expected_identity))
   template, treedef = jax.tree.flatten(like)
   expected = _host_leaves_spec(template)
   found = list(zip(map(tuple, meta['shapes']), meta['dtypes']))
@@ -193,95 +253,131 @@ def _host_leaves_spec(template) -> list[tuple[tuple[int, ...], str]]:
   return spec
 
 
-def restore_latest(directory: str, like, *, log: Callable[[str], None] | None = None
-                   ) -> Restored | None:
+def _restore_newest(directory: str, like, identity=None
+                    ) -> tuple[Restored | None, list[tuple[str, str]]]:
+  """The newest usable checkpoint (or None) and `(path, reason)` of each newer unusable one."""
+  failures = []
+  for _, path in reversed(list_checkpoints(directory)):
+    try:
+      return _load(path, like, identity), failures
+    except Exception as e:  # noqa: BLE001 - any failure means: not usable, try the previous
+      failures.append((path, _one_line(e)))
+  return None, failures
+
+
+def restore_latest(directory: str, like, *, log: Callable[[str], None] | None = None,
+                   identity: dict[str, Any] | None = None) -> Restored | None:
   """Restores the newest valid checkpoint under `directory`, or None if there is none.
 
   A checkpoint that is incomplete, corrupt or of another simulation is reported
   through `log` (default: stderr) and the previous one is tried.
 
   Args:
-    directory: the checkpoint directory.
+    directory: the checkpoint directory (relative paths are fine).
     like: a state of the same structure (e.g. `simulator.init()`); gives the tree
       structure, key types and shardings of the restored arrays.
+    identity: if given, checkpoints saved with another identity are refused.
   """
   log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-  for rounds_done, path in reversed(list_checkpoints(directory)):
-    try:
-      return _load(path, like)
-    except Exception as e:  # noqa: BLE001 - any failure means: not usable, try the previous
-      log(f'fedjax-sync: checkpoint {path} is unusable ({e}); trying the previous one')
-  return None
+  restored, failures = _restore_newest(directory, like, identity)
+  for path, reason in failures:
+    log(f'fedjax-sync: checkpoint {path} is unusable ({reason}); trying the previous one')
+  return restored
 
 
-def _truncate_metrics(run_dir: str, rounds_done: int) -> None:
-  """Drops `metrics.jsonl` rows beyond `rounds_done` (written after the last checkpoint)."""
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  if not os.path.isfile(path):
-    return
-  keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        break   # a line cut by the interruption: nothing after it is kept
-      if row.get('round', 0) <= rounds_done:
-        keep.append(line if line.endswith('\n') else line + '\n')
-  with open(path, 'w') as f:
-    f.writelines(keep)
+def restore_for_resume(run_dir: str, like, identity=None
+                       ) -> tuple[Restored, list[tuple[str, str]]]:
+  """The newest usable checkpoint of `run_dir`, or `ResumeError` naming what is wrong.
+
+  Reads only: nothing in `run_dir` is changed. Also returns `(path, reason)` of each
+  newer checkpoint that was unusable.
+  """
+  directory = os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR)
+  if not os.path.isdir(run_dir):
+    raise ResumeError(f'{run_dir}: no such run directory')
+  if not list_checkpoints(directory):
+    raise ResumeError(f'{os.path.join(run_dir, CHECKPOINT_DIR)}: no checkpoint to resume from '
+                      '(was the run started with checkpoints, e.g. --checkpoint-every K?); '
+                      'nothing was changed')
+  restored, failures = _restore_newest(directory, like, identity)
+  if restored is None:
+    reasons = '; '.join(f'{os.path.basename(p)}: {r}' for p, r in failures)
+    raise ResumeError(f'{os.path.join(run_dir, CHECKPOINT_DIR)}: no usable checkpoint '
+                      f'({reasons}); nothing was changed')
+  return restored, failures
 
 
 def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir: str,
                          every: int | None = None, resume: bool = False, keep: int = 2,
                          progress: bool = True, on_block: Callable | None = None,
-                         log: Callable[[str], None] | None = None):
+                         log: Callable[[str], None] | None = None,
+                         identity: dict[str, Any] | None = None,
+                         on_start: Callable[[int], None] | None = None):
   """Runs a `Simulator` with a checkpoint every `every` rounds and on Ctrl-C.
 
   Args:
     simulator: the `Simulator`.
     state: the initial state (default `simulator.init()`); also the template.
-    run_dir: run directory; checkpoints go to `<run_dir>/checkpoints`, metrics to
-      `<run_dir>/metrics.jsonl`.
+    run_dir: run directory (relative paths are fine); checkpoints go to
+      `<run_dir>/checkpoints`, metrics to `<run_dir>/metrics.jsonl`.
     every: checkpoint every this many rounds (None: only at the end and on Ctrl-C).
-    resume: continue from the newest valid checkpoint (from scratch if none).
+    resume: continue from the newest valid checkpoint; `ResumeError` (nothing
+      changed) when there is none. Without `resume`, a `run_dir` that already holds
+      checkpoints or rounds is refused (ValueError).
     keep: newest checkpoints kept.
     progress: progress bar.
     on_block: extra `on_block(state, rounds_done, history)` hook (after saving).
     log: where messages go (default: stderr).
+    identity: what a checkpoint must agree with (default
+      `simulation_identity(simulator)`); saved with each checkpoint.
+    on_start: called as `on_start(rounds_done)` once the run is known to start
+      (after a successful restore), before anything is written.
 
   Returns:
     the `SimulationResult`, its history covering all rounds (restored ones too).
 
   Raises:
     RunInterrupted: after Ctrl-C, once the block in flight finished and was saved.
+    ResumeError: `resume` without a usable checkpoint.
   """
   if every is not None and (not isinstance(every, int) or every < 1):
     raise ValueError(f'checkpoint every must be a positive integer or None, got {every!r}')
   log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-  directory = os.path.join(run_dir, CHECKPOINT_DIR)
-  os.makedirs(run_dir, exist_ok=True)
+  identity = simulation_identity(simulator) if identity is None else identity
+  absolute = os.path.abspath(run_dir)   # orbax needs absolute paths; the user's run_dir
+  directory = os.path.join(absolute, CHECKPOINT_DIR)   # is kept for messages
   state = simulator.init() if state is None else state
   history: list[dict[str, Any]] = []
   start = 0
+  primary = jax.process_index() == 0
   if resume:
-    restored = restore_latest(directory, state, log=log)
-    if restored is None:
-      log(f'fedjax-sync: no usable checkpoint in {directory}; starting from round 0')
-    else:
-      state, start, history = restored.state, restored.rounds_done, restored.history
-      log(f'fedjax-sync: resuming from {restored.path} (round {start})')
-    if jax.process_index() == 0:
-      _truncate_metrics(run_dir, start)
+    restored, failures = restore_for_resume(run_dir, state, identity)
+    for path, reason in failures:
+      log(f'fedjax-sync: checkpoint {path} is unusable ({reason}); using the previous one')
+    state, start, history = restored.state, restored.rounds_done, restored.history
+    if on_start is not None:
+      on_start(start)
+    if primary:   # rows written after the checkpoint go; a lost file comes back
+      reporting.write_metrics(absolute, history)
+    log(f'fedjax-sync: resumed from round {start} ({restored.path})')
+  else:
+    if list_checkpoints(directory):
+      raise ValueError(f'{os.path.join(run_dir, CHECKPOINT_DIR)} already holds checkpoints; '
+                       'continue with resume=True (fedjax-sync run --resume) or choose a new '
+                       'run directory')
+    if reporting.last_metrics_round(absolute) > 0:
+      reporting.open_metrics(absolute, 0).close()   # raises: the rounds would be written twice
+    if on_start is not None:
+      on_start(0)
+    os.makedirs(absolute, exist_ok=True)
   num_rounds = simulator.config.num_rounds
   interrupted = threading.Event()
-  last_saved = [start]
 
   def hook(new_state, rounds_done, new_history):
     due = (every is not None and rounds_done % every == 0) or rounds_done == num_rounds
     if due or interrupted.is_set():
-      path = save(directory, new_state, rounds_done, history + new_history, keep=keep)
-      last_saved[0] = rounds_done
+      path = save(directory, new_state, rounds_done, history + new_history, keep=keep,
+                  identity=identity)
       if interrupted.is_set() and rounds_done < num_rounds:
         log(f'fedjax-sync: interrupted; saved round {rounds_done} to {path}; '
             f'continue with --resume {run_dir}')
@@ -301,37 +397,11 @@ def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir
   previous = signal.signal(signal.SIGINT, handler) if in_main else None
   try:
     if start >= num_rounds:
-      result = simulator.run(state, start_round=start, run_dir=run_dir, progress=False)
+      result = simulator.run(state, start_round=start, run_dir=absolute, progress=False)
     else:
-      result = simulator.run(state, start_round=start, run_dir=run_dir, progress=progress,
+      result = simulator.run(state, start_round=start, run_dir=absolute, progress=progress,
                              on_block=hook, block_every=every)
   finally:
     if in_main:
       signal.signal(signal.SIGINT, previous)
   return result._replace(history=history + result.history)
-
-
-def resumed_cli_args(args):
-  """The `fedjax-sync run` options of the run in `args.resume` (from its config.json).
-
-  The saved options are used as they were, except `--quiet` and
-  `--checkpoint-every`, which the resuming command may change.
-  """
-  import argparse
-
-  run_dir = args.resume
-  config_file = os.path.join(run_dir, 'config.json')
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f'--resume {run_dir!r}: no config.json there; is it a run directory?')
-  with open(config_file) as f:
-    saved = json.load(f).get('cli_args')
-  if not isinstance(saved, dict):
-    raise ValueError(f'--resume {run_dir!r}: config.json has no cli_args (not made by '
-                     '`fedjax-sync run`)')
-  merged = dict(saved)
-  merged['resume'] = run_dir
-  merged['run_dir'] = run_dir
-  merged['quiet'] = args.quiet
-  if args.checkpoint_every is not None:
-    merged['checkpoint_every'] = args.checkpoint_every
-  return argparse.Namespace(**merged)

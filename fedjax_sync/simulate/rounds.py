@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_sync import reporting
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.data.batching import (LocalWork, make_client_batch, pad_clients, sample_clients,
                                        to_device)
@@ -235,7 +236,9 @@ class Simulator:
       state: the server state after `start_round` rounds; it is copied once before
         the first block (the blocks donate their input), so it stays usable.
       start_round: the number of rounds already run.
-      run_dir: if given, `metrics.jsonl` is appended there, one JSON line per round.
+      run_dir: if given, `metrics.jsonl` is appended there, one JSON line per round
+        (NaN/Inf as null, counted in `nonfinite_metrics`); a file that already holds
+        a round after `start_round` is refused (ValueError), never appended twice.
       progress: show a progress bar (round, accuracy, ETA).
       on_block: called as `on_block(state, rounds_done, history)` after each block
         (e.g. to checkpoint).
@@ -244,7 +247,7 @@ class Simulator:
     """
     cfg = self.config
     history: list[dict[str, Any]] = []
-    metrics_file = open(os.path.join(run_dir, 'metrics.jsonl'), 'a') if run_dir else None
+    metrics_file = reporting.open_metrics(run_dir, start_round) if run_dir else None
     bar = None
     if progress:
       from tqdm.auto import tqdm
@@ -269,7 +272,7 @@ class Simulator:
             row.update({k: _to_json(v) for k, v in evaluation.items() if np.ndim(v) == 0})
           history.append(row)
           if metrics_file:
-            metrics_file.write(json.dumps(row) + '\n')
+            metrics_file.write(reporting.metrics_line(row))
         if metrics_file:
           metrics_file.flush()
         if bar is not None:

@@ -21,14 +21,16 @@ class FederatedData:
   """Every client's training examples plus a global test set, on the host.
 
   Attributes:
-    train: flat training examples, `{'x': [n, ...], 'y': [n]}`, sorted by client.
+    train: flat training examples, `{'x': [n, ...], 'y': [n]}`, sorted by client; for
+      token sequences `{'x': [n, T], 'y': [n, T]}` (next-token targets, PAD = 0; see
+      `fedjax_sync.models.sequence`).
     offsets: `[N]` int64 start row of each client in `train`.
     counts: `[N]` int64 number of training examples of each client.
     test: global test set `{'x': [m, ...], 'y': [m]}`.
     test_client: `[m]` int32 owner of each test example when the dataset has
       per-client test splits (e.g. FedProx's Synthetic), else None; per-client
       accuracy is then measured on each client's own training data.
-    num_classes: number of label classes.
+    num_classes: number of label classes (the vocabulary size for token sequences).
     name: a short description used in run directories.
   """
 

@@ -10,7 +10,7 @@ from fedjax_sync import (aggregators, algorithms, clients, communication, data, 
                          reporting, simulate, tree)
 from fedjax_sync.aggregators import Aggregator, chain, mean, weighted_mean
 from fedjax_sync.algorithms import (ClientOutput, Hyperparameters, build_algorithm, fed_adagrad,
-                                    fed_adam, fed_avg, fed_avg_m, fed_buff, fed_gh, fed_prox,
+                                    fed_adam, fed_avg, fed_avg_m, fed_bn, fed_buff, fed_gh, fed_prox,
                                     fed_qs_avg, fed_qs_sgd, fed_sagm, fed_sam, fed_sgd, fed_yogi,
                                     federated_algorithm, kuramoto_fedavg, run_averaging,
                                     scaffold)
@@ -34,7 +34,7 @@ __all__ = [
     # Drivers.
     'SemiAsyncSimulator', 'Simulator', 'Sweep', 'run_averaging',
     # Algorithms.
-    'fed_adagrad', 'fed_adam', 'fed_avg', 'fed_avg_m', 'fed_buff', 'fed_gh', 'fed_prox',
+    'fed_adagrad', 'fed_adam', 'fed_avg', 'fed_avg_m', 'fed_bn', 'fed_buff', 'fed_gh', 'fed_prox',
     'fed_qs_avg', 'fed_qs_sgd', 'fed_sagm', 'fed_sam', 'fed_sgd', 'fed_yogi', 'kuramoto_fedavg',
     'scaffold',
 ]

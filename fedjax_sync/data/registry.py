@@ -96,10 +96,11 @@ register_dataset(
     'Synthetic IID of FedProx', 'logistic_regression')
 
 
-def _shakespeare(cache_dir=None, **_):
+def _shakespeare(cache_dir=None, data_dir=None, **_):
   # A natural partition (one client per play and role): num_clients and seed do not apply.
+  # `--data-dir` names the prepare cache (default $FEDJAX_SYNC_CACHE or ~/.cache/fedjax_sync).
   from fedjax_sync.data.shakespeare import shakespeare
-  return shakespeare(cache_dir=cache_dir)
+  return shakespeare(cache_dir=cache_dir or data_dir)
 
 
 register_dataset('shakespeare', _shakespeare,

@@ -89,11 +89,17 @@ def test_shared_layers_follow_fedavg_and_statistics_stay_with_their_client():
   assert np.abs(means - averaged).max() > 0.5
 
 
+@functools.lru_cache(maxsize=None)
+def _default_fedbn_run():
+  model, batch, _, params = _setup()
+  return _run(fed_bn(model.loss, optax.sgd(LEARNING_RATE), num_clients=NUM_CLIENTS),
+              params, batch)
+
+
 def test_batch_norm_layers_stay_local_as_in_algorithm_1():
   """Default: scale, bias and statistics per client; oracle: the rounds by hand."""
   model, batch, local_runs, params = _setup()
-  fedbn = _run(fed_bn(model.loss, optax.sgd(LEARNING_RATE), num_clients=NUM_CLIENTS),
-               params, batch)
+  fedbn = _default_fedbn_run()
   server = params
   parts = _stack([local_part(params)] * NUM_CLIENTS)
   weights = np.asarray(batch.weight) / np.sum(np.asarray(batch.weight))
@@ -117,8 +123,7 @@ def test_per_client_evaluation_uses_each_clients_own_layers():
       [np.arange(12 * c, 12 * (c + 1)) for c in range(NUM_CLIENTS)],
       {k: np.concatenate([e[k] for e in examples]) for k in ('x', 'y')},
       num_classes=3, name='feature shift')
-  state = _run(fed_bn(model.loss, optax.sgd(LEARNING_RATE), num_clients=NUM_CLIENTS),
-               params, batch, rounds=3)[-1]
+  state = _default_fedbn_run()[-1]
   evaluate = make_evaluator(model.evaluate, data, chunk_size=16, personalize=personalized_params)
   personal = jax.device_get(evaluate(state.params, state.client_states))
   shared_only = jax.device_get(evaluate(state.params))

@@ -458,6 +458,17 @@ def _model_error(args, model_name, data, error) -> ValueError:
                     f'{", ".join(fitting) or "none"}')
 
 
+def _absolute_data_paths(args) -> None:
+  """Data paths made absolute, so that config.json resumes from any working directory."""
+  from fedjax_sync.data.registry import dataset_names
+
+  if args.dataset and args.dataset not in dataset_names() and os.path.exists(args.dataset):
+    args.dataset = os.path.abspath(args.dataset)
+  for dest in ('data_dir', 'data_path'):
+    if getattr(args, dest, None):
+      setattr(args, dest, os.path.abspath(getattr(args, dest)))
+
+
 def _run(args, given: set[str] = frozenset()) -> int:
   import fedjax_sync as fs
   from fedjax_sync.data.registry import default_model
@@ -474,6 +485,7 @@ def _run(args, given: set[str] = frozenset()) -> int:
   else:   # check the directory before any work; create it only when the run starts
     default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')
     new_dir = _NewRunDirectory(args.run_dir or default)
+    _absolute_data_paths(args)
   if args.dataset is None:
     args.dataset = 'synthetic'
 

@@ -1,7 +1,7 @@
 """Runs lose nothing: resume from any path, never start over, never write a round twice.
 
-One tiny simulation (6 Synthetic(1, 1) clients, logistic regression, one local step)
-serves every test; its compiled blocks are shared through a cache.
+One tiny simulation (6 Synthetic(1, 1) clients, logistic regression, one local step,
+4 rounds) serves every test; its compiled blocks are shared through a cache.
 """
 
 import functools
@@ -39,10 +39,27 @@ def _uninterrupted():
   return _simulator(4).run(_simulator(4).init(), progress=False)
 
 
-def _run(run_dir, num_rounds, **kwargs):
+def _run(run_dir, **kwargs):
   kwargs.setdefault('log', lambda message: None)
-  return checkpoint.run_with_checkpoints(_simulator(num_rounds), run_dir=run_dir, every=2,
+  return checkpoint.run_with_checkpoints(_simulator(4), run_dir=run_dir, every=2,
                                          progress=False, **kwargs)
+
+
+class _Crash(Exception):
+  pass
+
+
+def _crash_after(rounds):
+  def on_block(state, rounds_done, history):
+    if rounds_done == rounds:
+      raise _Crash
+  return on_block
+
+
+def _run_two_rounds_then_crash(run_dir):
+  """Rounds 1-2 done and saved (a checkpoint every 2 rounds), then the process dies."""
+  with pytest.raises(_Crash):
+    _run(run_dir, on_block=_crash_after(2))
 
 
 def _assert_bitwise(a, b):
@@ -73,14 +90,14 @@ def _tree_digest(path) -> str:
 def test_resume_from_a_relative_path_continues_and_never_reruns(form, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   os.makedirs('a')
-  _run('rel', 2)                            # rounds 1-2, checkpoint at 2
+  _run_two_rounds_then_crash('rel')
   path = form
   if form == 'from another directory':
     os.makedirs('elsewhere')
     monkeypatch.chdir('elsewhere')
     path = os.path.join('..', 'rel')
   messages, blocks = [], []
-  result = _run(path, 4, resume=True, log=messages.append,
+  result = _run(path, resume=True, log=messages.append,
                 on_block=lambda state, rounds_done, history: blocks.append(rounds_done))
   assert any('resumed from round 2' in m for m in messages), messages
   assert blocks == [4]                      # rounds 1-2 were not run again
@@ -94,18 +111,18 @@ def test_resume_from_a_relative_path_continues_and_never_reruns(form, tmp_path, 
 
 def test_missing_metrics_are_rebuilt_from_the_checkpoint(tmp_path):
   run_dir = str(tmp_path / 'run')
-  first = _run(run_dir, 2)
+  first = _run(run_dir)
   os.remove(os.path.join(run_dir, 'metrics.jsonl'))
-  _run(run_dir, 2, resume=True)
-  assert _rows(run_dir) == first.history and len(first.history) == 2
+  _run(run_dir, resume=True)
+  assert _rows(run_dir) == first.history and len(first.history) == 4
 
 
 @pytest.mark.parametrize('damage', ['no checkpoint', 'every checkpoint corrupt',
                                     'another algorithm', 'missing run directory'])
 def test_resume_without_a_usable_checkpoint_is_an_error_and_changes_nothing(damage, tmp_path):
   run_dir = str(tmp_path / 'run')
-  _run(run_dir, 2)
-  simulator = _simulator(2)
+  _run_two_rounds_then_crash(run_dir)
+  simulator = _simulator(4)
   if damage == 'no checkpoint':
     shutil.rmtree(os.path.join(run_dir, 'checkpoints'))
   elif damage == 'every checkpoint corrupt':
@@ -113,7 +130,7 @@ def test_resume_without_a_usable_checkpoint_is_an_error_and_changes_nothing(dama
       with open(os.path.join(path, 'meta.json'), 'w') as f:
         f.write('{"format": ')
   elif damage == 'another algorithm':
-    simulator = _simulator(2, 'fedsgd')     # the same state structure, another run
+    simulator = _simulator(4, 'fedsgd')     # another run
   else:
     run_dir = str(tmp_path / 'nowhere')
   before = _tree_digest(tmp_path)
@@ -131,19 +148,21 @@ def test_resume_without_a_usable_checkpoint_is_an_error_and_changes_nothing(dama
 
 def test_a_run_directory_with_rounds_is_never_appended_twice(tmp_path):
   run_dir = str(tmp_path / 'run')
-  simulator = _simulator(2)
+  simulator = _simulator(4)
   simulator.run(simulator.init(), run_dir=_mkdir(run_dir), progress=False)
   before = _tree_digest(run_dir)
-  with pytest.raises(ValueError, match='already holds rounds up to 2'):
+  with pytest.raises(ValueError, match='already holds rounds up to 4'):
     simulator.run(simulator.init(), run_dir=run_dir, progress=False)
-  with pytest.raises(ValueError, match='already holds rounds up to 2'):
-    _run(run_dir, 2)
+  with pytest.raises(ValueError, match='already holds rounds up to 4'):
+    simulator.run(simulator.init(), start_round=2, run_dir=run_dir, progress=False)
+  with pytest.raises(ValueError, match='already holds rounds up to 4'):
+    _run(run_dir)
   assert _tree_digest(run_dir) == before
   checkpointed = str(tmp_path / 'checkpointed')
-  _run(checkpointed, 2)
+  _run_two_rounds_then_crash(checkpointed)
   os.remove(os.path.join(checkpointed, 'metrics.jsonl'))
   with pytest.raises(ValueError, match='already holds checkpoints'):
-    _run(checkpointed, 2)
+    _run(checkpointed)
 
 
 def _mkdir(path):
@@ -174,28 +193,47 @@ ARGS = ['--num-clients', '6', '--clients-per-round', '3', '--local-steps', '1',
 
 
 @pytest.fixture(scope='module')
-def saved_run(tmp_path_factory):
-  """A 4-round command-line run with checkpoints at rounds 2 and 4."""
+def uninterrupted_run(tmp_path_factory):
+  """A 6-round command-line run, checkpoints every 2 rounds (kept: 4 and 6)."""
   run_dir = str(tmp_path_factory.mktemp('saved') / 'run')
-  assert cli.main(['run', *ARGS, '--rounds', '4', '--checkpoint-every', '2',
+  assert cli.main(['run', *ARGS, '--rounds', '6', '--checkpoint-every', '2',
                    '--run-dir', run_dir]) == 0
   return run_dir
 
 
-def test_cli_resume_from_a_relative_path_extends_to_an_uninterrupted_run(saved_run, tmp_path,
-                                                                          monkeypatch, capsys):
+@pytest.fixture
+def saved_run(uninterrupted_run, tmp_path):
+  """The same run as if started with --rounds 4: what `fedjax-sync run --rounds 4` leaves.
+
+  Its round-4 checkpoint holds the state and the 4 rows of history a 4-round run
+  saves (round 4 is an evaluation round either way, and rounds are keyed by their
+  index), so only config.json and the later checkpoint and rows differ.
+  """
+  run_dir = str(tmp_path / 'saved')
+  shutil.copytree(uninterrupted_run, run_dir)
+  shutil.rmtree(os.path.join(run_dir, 'checkpoints', 'round_00000006'))
+  reporting.write_metrics(run_dir, _rows(run_dir)[:4])
+  path = os.path.join(run_dir, 'config.json')
+  with open(path) as f:
+    record = json.load(f)
+  record['cli_args']['rounds'] = record['simulation']['num_rounds'] = 4
+  with open(path, 'w') as f:
+    json.dump(record, f, indent=2)
+  return run_dir
+
+
+def test_cli_resume_from_a_relative_path_extends_to_an_uninterrupted_run(
+    saved_run, uninterrupted_run, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  shutil.copytree(saved_run, 'rel')
+  shutil.move(saved_run, 'rel')
   capsys.readouterr()
   assert cli.main(['run', '--resume', './rel', '--rounds', '6']) == 0
   err = capsys.readouterr().err
   assert 'resumed from round 4' in err and 'unusable' not in err
-  assert cli.main(['run', *ARGS, '--rounds', '6', '--checkpoint-every', '2',
-                   '--run-dir', 'ref']) == 0
-  assert _rows('rel') == _rows('ref') and len(_rows('rel')) == 6
+  assert _rows('rel') == _rows(uninterrupted_run) and len(_rows('rel')) == 6
   # The final checkpoints hold the same state and history (same SHA-256 of both).
   metas = []
-  for d in ('rel', 'ref'):
+  for d in ('rel', uninterrupted_run):
     with open(os.path.join(d, 'checkpoints', 'round_00000006', 'meta.json')) as f:
       metas.append(json.load(f))
   assert metas[0]['sha256'] == metas[1]['sha256']
@@ -228,15 +266,14 @@ BAD_RESUMES = {
                        'no checkpoint to resume from'),
     'contradicting --algorithm': (None, ['--algorithm', 'fedprox'], '--algorithm'),
     'contradicting --client-lr': (None, ['--client-lr', '0.5'], '--client-lr'),
-    'fewer --rounds': (None, ['--rounds', '1'], '--rounds 1 is fewer'),
+    'fewer --rounds': (None, ['--rounds', '3'], '--rounds 3 is fewer'),
 }
 
 
 @pytest.mark.parametrize('case', sorted(BAD_RESUMES))
 def test_cli_bad_resume_is_one_line_exit_2_and_changes_nothing(case, saved_run, tmp_path,
                                                                capsys):
-  run_dir = str(tmp_path / 'run')
-  shutil.copytree(saved_run, run_dir)
+  run_dir = saved_run
   damage, extra, needle = BAD_RESUMES[case]
   if damage is not None:
     damage(run_dir)

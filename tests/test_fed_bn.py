@@ -134,6 +134,13 @@ def test_per_client_evaluation_uses_each_clients_own_layers():
     np.testing.assert_allclose(personal['client_accuracy'][c], want, rtol=1e-6)
   assert np.abs(personal['client_accuracy'] - shared_only['client_accuracy']).max() > 0
   assert personal['test_accuracy'] == shared_only['test_accuracy']   # global test: server params
+  # The Simulator evaluates FedBN's clients the same way (Algorithm.personalize).
+  algorithm = fed_bn(model.loss, optax.sgd(LEARNING_RATE), num_clients=NUM_CLIENTS)
+  config = fs.SimulationConfig(num_rounds=1, clients_per_round=NUM_CLIENTS,
+                               local_work=fs.LocalWork(batch_size=4, steps=3))
+  simulated = fs.Simulator(algorithm, model, data, config).evaluate(state.params,
+                                                                    state.client_states)
+  np.testing.assert_allclose(simulated['client_accuracy'], personal['client_accuracy'])
 
 
 def test_registry_and_errors():

@@ -174,7 +174,8 @@ class Simulator:
     self._max_count = int(positive.max())
     self.num_local_steps = config.local_work.num_steps(self._max_count)
     self._run_key = jax.random.key(config.seed)
-    self._evaluate = make_evaluator(model.evaluate, data, per_client=config.per_client_eval)
+    self._evaluate = make_evaluator(model.evaluate, data, per_client=config.per_client_eval,
+                                    personalize=getattr(algorithm, 'personalize', None))
     self._blocks: dict[int, Callable] = {}
 
   def init(self, params: Params | None = None) -> ServerState:
@@ -224,8 +225,10 @@ class Simulator:
     state = distinct_buffers(state)
     return self._block(state, length)(state, jnp.asarray(start, jnp.int32))
 
-  def evaluate(self, params: Params) -> dict[str, Any]:
-    return jax.device_get(self._evaluate(params))
+  def evaluate(self, params: Params, client_states=()) -> dict[str, Any]:
+    """Evaluation metrics; per-client accuracy uses `Algorithm.personalize` on
+    `client_states` (FedBN: each client's own batch-norm layers) when both are given."""
+    return jax.device_get(self._evaluate(params, client_states))
 
   def run(self, state: ServerState, *, start_round: int = 0, run_dir: str | None = None,
           progress: bool = True, on_block: Callable | None = None,
@@ -265,7 +268,7 @@ class Simulator:
           compile_seconds += time.perf_counter() - t0
         state, stacked = self.run_rounds(state, r, length)
         stacked = jax.device_get(stacked)
-        evaluation = self.evaluate(state.params) if evaluate_now else {}
+        evaluation = self.evaluate(state.params, state.client_states) if evaluate_now else {}
         for i in range(length):
           row = {'round': r + i + 1, **_scalar_metrics(stacked, i)}
           if i == length - 1:
@@ -288,7 +291,7 @@ class Simulator:
       if metrics_file:
         metrics_file.close()
     if not evaluation:
-      evaluation = self.evaluate(state.params)
+      evaluation = self.evaluate(state.params, state.client_states)
     return SimulationResult(state=state, history=history, final_eval=evaluation,
                             compile_seconds=compile_seconds,
                             run_seconds=time.perf_counter() - started - compile_seconds)

@@ -313,7 +313,8 @@ MAX_TRACED_STEPS = 100
 
 def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: int = 1,
                        strategies: list[str] | None = None, unrolls=(1, True),
-                       baseline: bool = True, fedjax_python: str | None = None,
+                       baseline: bool = True, written_convolutions: bool = False,
+                       fedjax_python: str | None = None, with_limit: bool = True,
                        peak_gflops: float | None = None
                        ) -> tuple[list[dict[str, Any]], list[str]]:
   """Times one workload, every variant interleaved with the others.
@@ -321,7 +322,9 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
   Each timed round follows `settle` untimed rounds of the same variant (see
   `interleaved_medians`). Returns one row per variant (seconds, CPU seconds,
   compile seconds, XLA scratch memory of the compiled program, ratios to the limit)
-  and the variants not run, with the reason. With `fedjax_python`, FedJAX's round
+  and the variants not run, with the reason. `written_convolutions` adds the
+  'sequential' round without the local step's convolution rewrite. `with_limit=False`
+  skips the centralized limit (its ratios are then None). With `fedjax_python`, FedJAX's round
   (when the workload has a FedJAX counterpart) is one more variant, 'fedjax'.
   With `peak_gflops`, rows carry the arithmetic limit: the limit program's FLOPs
   (XLA cost analysis; the same local-training arithmetic as a round) at that rate.
@@ -334,8 +337,10 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
            else _random_batch(jax.random.key(1), clients, shape, classes))
   num_steps = batch.mask.shape[1]
   calls, compile_s, temp_mb, skipped = {}, {}, {}, []
-  calls['limit'], compile_s['limit'], temp_mb['limit'], flops = _limit_call(model, params,
-                                                                           batch, key)
+  flops = None
+  if with_limit:
+    calls['limit'], compile_s['limit'], temp_mb['limit'], flops = _limit_call(model, params,
+                                                                             batch, key)
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   auto = fs.clients.resolve_strategy('auto', None, (batch.mask,), client_bytes=param_bytes)
   for label, execution in _executions(clients):
@@ -355,6 +360,13 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
       algorithm = fs.fed_avg(model.loss, optax.sgd(CLIENT_LR), execution=execution, unroll=unroll)
       calls[variant], compile_s[variant], temp_mb[variant] = _round_call(algorithm, params,
                                                                          batch, key)
+  if written_convolutions:
+    # The same model without the local step's convolution rewrite (the opt-out).
+    algorithm = fs.fed_avg(fs.clients.keep_convolutions(model.loss), optax.sgd(CLIENT_LR),
+                           execution=fs.ClientExecution('sequential'))
+    variant = 'sequential, convolutions as written'
+    calls[variant], compile_s[variant], temp_mb[variant] = _round_call(algorithm, params,
+                                                                       batch, key)
   if baseline:
     calls['python_loop'], compile_s['python_loop'], temp_mb['python_loop'] = _python_loop_call(
         model, params, batch, key)
@@ -371,14 +383,14 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
   if reference is not None:   # the subprocess's CPU time, not this process's
     cpu = statistics.median(reference.cpu_seconds[-repeats:])
     timings['fedjax'] = timings['fedjax']._replace(cpu_seconds=cpu)
-  limit = timings['limit']
+  limit = timings.get('limit')
   fedjax = timings.get('fedjax')
   arithmetic_s = flops / (peak_gflops * 1e9) if peak_gflops and flops else None
   return [{'workload': name, 'variant': variant, 'seconds': t.seconds,
            'cpu_seconds': t.cpu_seconds, 'compile_seconds': compile_s[variant],
            'xla_temp_mb': temp_mb[variant],
-           'ratio_to_limit': t.seconds / limit.seconds,
-           'cpu_ratio_to_limit': t.cpu_seconds / limit.cpu_seconds,
+           'ratio_to_limit': t.seconds / limit.seconds if limit else None,
+           'cpu_ratio_to_limit': t.cpu_seconds / limit.cpu_seconds if limit else None,
            'ratio_to_fedjax': t.seconds / fedjax.seconds if fedjax else None,
            'gflop': flops / 1e9 if flops else None,
            'ratio_to_arithmetic_limit': t.seconds / arithmetic_s if arithmetic_s else None,
@@ -437,7 +449,8 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
     kwargs = dict(warmup=1 if slow else warmup, repeats=3 if slow else repeats,
                   settle=0 if slow else 1, fedjax_python=fedjax_python, peak_gflops=peak)
     if w in CONV_VARIANTS:
-      kwargs.update(strategies=CONV_VARIANTS[w][0], unrolls=(1,), baseline=CONV_VARIANTS[w][1])
+      kwargs.update(strategies=CONV_VARIANTS[w][0], unrolls=(1,), baseline=CONV_VARIANTS[w][1],
+                    written_convolutions=w == 'stock_cnn_10')
     if quick:
       kwargs.update(strategies=['vmap', 'sequential'], unrolls=(1,), warmup=1, repeats=2,
                     baseline=w == 'logreg_synthetic')

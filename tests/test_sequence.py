@@ -208,12 +208,9 @@ def test_loss_and_metrics_mask_padding_like_numpy():
   assert m['num_tokens'] == real.sum() and m['token_oov_rate'] == pytest.approx(1 / real.sum())
 
 
-@pytest.mark.parametrize('name,build', [
-    ('char_lstm', lambda: char_lstm((6,), 12, embedding_size=4, hidden_sizes=(8, 8))),
-    ('causal_transformer', lambda: causal_transformer((6,), 12, width=8, depth=1, num_heads=2)),
-])
-def test_models_are_causal(name, build):
-  model = build()
+def test_transformer_is_causal():
+  # (The LSTMs are unidirectional scans: causal by construction.)
+  model = causal_transformer((6,), 12, width=8, depth=1, num_heads=2)
   params = model.init(jax.random.key(1))
   x = np.array([[1, 3, 4, 5, 6, 7], [1, 3, 4, 5, 9, 7]], np.int32)   # differ at position 4
   logits = jax.jit(model.apply)(params, x)
@@ -241,7 +238,7 @@ def test_registered_and_paper_sized():
   assert (10004, 96) in leaves and (670, 96) in leaves and (96, 10004) in leaves
 
 
-@pytest.mark.parametrize('algorithm', ['fedavg', 'scaffold'])
+@pytest.mark.parametrize('algorithm', ['scaffold'])   # fedyogi: the study test below
 def test_sequence_data_trains_with_algorithms(algorithm):
   # A tiny character corpus in which each character is followed by a fixed one.
   rng = np.random.default_rng(0)
@@ -310,3 +307,17 @@ def test_stackoverflow_tokenizer_and_generated_population():
   tx, ty = data.train['x'], data.train['y']
   np.testing.assert_array_equal(tx[:, 1:], ty[:, :-1])   # next-word targets
   assert (tx[:, 0] == so.BOS).all() and ty.max() < 54
+
+
+@pytest.mark.slow
+def test_cli_runs_char_lstm_on_prepared_shakespeare(tmp_path, capsys):
+  cache = str(tmp_path / 'cache')
+  assert cli.main(['prepare', 'shakespeare', '--source', _write_tiny_plays(tmp_path),
+                   '--cache-dir', cache]) == 0
+  run_dir = str(tmp_path / 'run')
+  assert cli.main(['run', '--dataset', 'shakespeare', '--model', 'char_lstm', '--data-dir', cache,
+                   '--rounds', '2', '--clients-per-round', '2', '--local-epochs', '1',
+                   '--batch-size', '4', '--client-lr', '1', '--eval-every', '2', '--run-dir',
+                   run_dir, '--quiet']) == 0
+  assert 'fedavg on Shakespeare (3 play roles)' in capsys.readouterr().out
+  assert os.path.isfile(os.path.join(run_dir, 'metrics.jsonl'))

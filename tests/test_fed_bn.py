@@ -159,3 +159,6 @@ def test_registry_and_errors():
     fed_bn(model.loss, optax.sgd(0.1), num_clients=3, local_collections=('params',))
   with pytest.raises(ValueError, match='num_clients'):
     fed_bn(model.loss, optax.sgd(0.1), num_clients=0)
+  fedsgd = fs.fed_sgd(model.loss)   # differentiates the loss itself: a clear error, when traced
+  with pytest.raises(ValueError, match='needs a stateless loss'):
+    jax.eval_shape(fedsgd.round, fedsgd.init(params), batch, jax.random.key(0))

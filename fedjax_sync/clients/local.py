@@ -38,6 +38,12 @@ def check_per_example_losses(losses, mask) -> None:
   that returns its batch mean (a scalar) would make every padded example count as
   real: masking would silently stop working.
   """
+  if isinstance(losses, tuple):
+    raise ValueError('this computation takes the gradient of the loss itself and needs a '
+                     'stateless loss returning losses [B]; a stateful model\'s loss returns '
+                     '(losses [B], state update) (BatchNorm through models.from_flax): train it '
+                     'with an algorithm built on the local step (fedavg, fedprox, fedadam, '
+                     'scaffold option II, fedbn, ...)')
   shape = jnp.shape(losses)
   if shape != jnp.shape(mask):
     hint = (' (a scalar: the loss already averaged the batch; return the per-example '

@@ -159,9 +159,9 @@ class MultiHostSimulator(Simulator):
     state, metrics = super().run_rounds(state, start, length)
     return state, to_host(metrics)
 
-  def evaluate(self, params):
+  def evaluate(self, params, client_states=()):
     # Evaluation is cheap next to training: every process evaluates its host copy.
-    return jax.device_get(self._evaluate(to_host(params)))
+    return jax.device_get(self._evaluate(to_host(params), to_host(client_states)))
 
 
 def _demo(argv=None) -> int:

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import TRANSFORM, Aggregator, compute_dtype
-from fedjax_sync.aggregators.reduce import (MetricsState, check_positive, clip_factors,
-                                            float_weights)
+from fedjax_sync.aggregators.reduce import MetricsState, check_positive, float_weights
 
 __all__ = ['AdaptiveClipState', 'adaptive_clip', 'clip_by_norm', 'zero_invalid_updates']
 
@@ -30,6 +29,11 @@ def clip_by_norm(clip_norm: float) -> Aggregator:
   The per-client clipping of DP-FedAvg (McMahan et al. 2018, arXiv 1710.06963,
   Alg. 1 `ClipFn`), over the whole model (all leaves together). Reports
   `clipped_fraction` and `mean_norm` (before clipping) over present clients.
+
+  Extreme values (`tree.client_clip`): norms are computed without overflow
+  (`[1e20, 0]` clips to `[S, 0]`); an update with ±Inf entries clips to S along
+  the signs of its infinite entries (the limit of clipping `t·Δ`, t → ∞); NaN
+  entries stay NaN (use `zero_invalid_updates` to drop such clients).
 
   Example:
     >>> agg = chain(clip_by_norm(1.0), weighted_mean())
@@ -47,11 +51,11 @@ def clip_by_norm(clip_norm: float) -> Aggregator:
   def apply(updates, weights, state, key=None, client_ids=None):
     del state, key, client_ids
     present = float_weights(weights, updates) > 0
-    sq = tree_lib.client_sq_norms(updates).astype(compute_dtype(updates))
-    factors = clip_factors(sq, clip_norm)
+    clipped, factors, norms = tree_lib.client_clip(updates, clip_norm)
+    norms = jnp.where(present, norms.astype(compute_dtype(updates)), 0)
     metrics = {'clipped_fraction': _present_fraction(factors < 1.0, present),
-               'mean_norm': _present_fraction(jnp.sqrt(sq), present, sq.dtype)}
-    return tree_lib.client_scale(updates, factors), MetricsState(metrics)
+               'mean_norm': _present_fraction(norms, present, norms.dtype)}
+    return clipped, MetricsState(metrics)
 
   return Aggregator(init, apply, TRANSFORM, f'clip_by_norm({clip_norm:g})')
 
@@ -106,9 +110,8 @@ def adaptive_clip(initial_clip_norm: float = 0.1, target_quantile: float = 0.5,
     clip = state.clip_norm
     dtype = clip.dtype
     count = jnp.sum(present.astype(dtype))
-    sq = tree_lib.client_sq_norms(updates).astype(dtype)
-    factors = clip_factors(sq, clip)
-    unclipped = jnp.sum(present.astype(dtype) * (jnp.sqrt(sq) <= clip))
+    clipped, factors, norms = tree_lib.client_clip(updates, clip)
+    unclipped = jnp.sum(present & (norms.astype(dtype) <= clip)).astype(dtype)
     if count_noise_std > 0:
       if key is None:
         raise ValueError('adaptive_clip with count_noise_std > 0 needs a key')
@@ -118,7 +121,7 @@ def adaptive_clip(initial_clip_norm: float = 0.1, target_quantile: float = 0.5,
                          clip)
     metrics = {'clip_norm': clip, 'unclipped_fraction': fraction,
                'clipped_fraction': _present_fraction(factors < 1.0, present, dtype)}
-    return tree_lib.client_scale(updates, factors), AdaptiveClipState(new_clip, metrics)
+    return clipped, AdaptiveClipState(new_clip, metrics)
 
   return Aggregator(init, apply, TRANSFORM, f'adaptive_clip(q={target_quantile:g})')
 

@@ -57,6 +57,8 @@ def stochastic_quantize(levels: int) -> Aggregator:
   ξ_i = ⌊l⌋ + Bernoulli(l − ⌊l⌋) for l = s|v_i|/‖v‖, so E[Q(v)] = v. One norm per
   client (no bucketing). Bits: 32 for the norm plus, per coordinate, one sign bit
   and ⌈log₂(s + 1)⌉ bits for ξ (fixed-width; the paper's Elias coding is smaller).
+  Norms are computed without overflow (`tree.client_norms`); an update whose norm
+  is not finite (an Inf or NaN entry) is passed through unchanged.
 
   Args:
     levels: s ≥ 1.
@@ -74,8 +76,11 @@ def stochastic_quantize(levels: int) -> Aggregator:
     del weights
     keys = client_keys(key, client_ids, _num_clients(updates))
     dtype = compute_dtype(updates)  # float32 draws decide ξ in every dtype
-    norms = jnp.sqrt(tree_lib.client_sq_norms(updates).astype(dtype))
-    safe = jnp.where(norms > 0, norms, 1.0)
+    # Overflow-safe norms (1e20 entries quantize finely); a client whose norm is not
+    # finite (an Inf or NaN entry) is passed through unchanged, never turned into NaN.
+    norms = tree_lib.client_norms(updates).astype(dtype)
+    finite = jnp.isfinite(norms)
+    safe = jnp.where((norms > 0) & finite, norms, 1.0)
     noise = _per_client_uniform(keys, updates)
 
     def leaf(x, u):
@@ -83,8 +88,8 @@ def stochastic_quantize(levels: int) -> Aggregator:
       scaled = jnp.abs(x.astype(dtype)) / safe.reshape(shape) * levels
       floor = jnp.floor(scaled)
       xi = floor + (u < scaled - floor).astype(dtype)
-      q = norms.reshape(shape) * jnp.sign(x.astype(dtype)) * xi / levels
-      return q.astype(x.dtype)
+      q = safe.reshape(shape) * jnp.sign(x.astype(dtype)) * xi / levels
+      return jnp.where(finite.reshape(shape), q.astype(x.dtype), x)
 
     return jax.tree.map(leaf, updates, noise), state
 

@@ -156,7 +156,8 @@ def harmonize(mode: str = 'original') -> Aggregator:
     del state, key, client_ids
     leaves = jax.tree.leaves(updates)
     num = leaves[0].shape[0]
-    gram = tree_lib.client_gram(updates)
+    # Absent clients' slices count as zeros (a NaN one included): they are in no pair.
+    gram = tree_lib.client_gram(updates, None if weights is None else weights > 0)
     w = (jnp.ones((num,), gram.dtype) if weights is None else weights).astype(gram.dtype)
     present = w > 0
     coeffs = harmonize_coefficients(gram, present, mode)

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import REDUCER, Aggregator, compute_dtype
-from fedjax_sync.aggregators.reduce import (MetricsState, check_positive, clip_factors,
-                                            float_weights)
+from fedjax_sync.aggregators.reduce import MetricsState, check_positive, float_weights
 
 __all__ = ['ACCOUNTANTS', 'dp_epsilon', 'dp_fedavg', 'dp_noise_multiplier']
 
@@ -63,8 +62,8 @@ def dp_fedavg(clip_norm: float, noise_multiplier: float, expected_total_weight: 
     w = float_weights(weights, updates)
     present = (w > 0).astype(w.dtype)
     omega = present if weight_cap is None else jnp.clip(w / weight_cap, 0.0, 1.0)
-    factors = clip_factors(tree_lib.client_sq_norms(updates).astype(w.dtype), clip_norm)
-    total = tree_lib.client_weighted_sum(updates, omega * factors)
+    # Overflow-safe norms, Inf entries kept as a direction: see `tree.client_clip`.
+    total, factors, _ = tree_lib.client_clipped_weighted_sum(updates, omega, clip_norm)
     if sigma > 0:
       if key is None:
         raise ValueError('dp_fedavg with noise_multiplier > 0 needs a key')

@@ -75,11 +75,10 @@ def norm_bounded_mean(max_norm: float) -> Aggregator:
     del state, key, client_ids
     w = float_weights(weights, updates)
     present = (w > 0).astype(jnp.float32)
-    sq = tree_lib.client_sq_norms(updates).astype(w.dtype)
-    factors = clip_factors(sq, max_norm)
     total = jnp.sum(w)
-    coefficients = w * factors / jnp.where(total > 0, total, 1.0)
-    out = tree_lib.client_weighted_sum(updates, coefficients)
+    # Overflow-safe norms, Inf entries kept as a direction: see `tree.client_clip`.
+    out, factors, _ = tree_lib.client_clipped_weighted_sum(
+        updates, w / jnp.where(total > 0, total, 1.0), max_norm)
     clipped = jnp.sum(present * (factors < 1.0)) / jnp.maximum(jnp.sum(present), 1.0)
     return out, MetricsState({'clipped_fraction': clipped})
 

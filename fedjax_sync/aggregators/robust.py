@@ -208,6 +208,10 @@ def multi_krum(num_byzantine: int, num_selected: int) -> Aggregator:
   of the best-scored client (`selected_client`, its position when no ids are
   given) and `num_selected`.
 
+  Non-finite input: a NaN or Inf update (or one whose squared distances overflow)
+  is infinitely far from every other, so it ranks last and is selected only when
+  fewer than m finite updates are present; a client of weight 0 is never selected.
+
   Args:
     num_byzantine: f ≥ 0, the number of Byzantine clients tolerated.
     num_selected: m ≥ 1 (m = 1 is Krum); fewer when fewer clients are present.
@@ -232,8 +236,10 @@ def multi_krum(num_byzantine: int, num_selected: int) -> Aggregator:
     ranked = jnp.sort(dist, axis=1)
     take = jnp.arange(num)[None, :] < neighbours
     scores = jnp.sum(jnp.where(take, ranked, 0.0), axis=1)
-    scores = jnp.where(present, scores, jnp.inf)
-    order = jnp.argsort(scores)
+    # Present clients first (an absent one is never selected, even when every present
+    # score is Inf), then by score; a NaN score (a NaN update) ranks last among them.
+    scores = jnp.where(present & ~jnp.isnan(scores), scores, jnp.inf)
+    order = jnp.lexsort((scores, (~present).astype(jnp.int32)))
     rank = jnp.zeros((num,), jnp.int32).at[order].set(jnp.arange(num, dtype=jnp.int32))
     chosen = jnp.minimum(num_selected, count)
     selected = present & (rank < chosen)
@@ -264,7 +270,9 @@ def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggreg
   `‖x_i − z‖² = G_ii − 2(G a)_i + aᵀ G a` come from the Gram matrix of the
   updates centred on their weighted mean (centring limits float32 cancellation):
   one O(C²d) matmul plus O(C²) work per iteration, then one weighted sum.
-  Reports `objective` = Σ w_i ‖z − x_i‖ / Σ w_i at the result.
+  Reports `objective` = Σ w_i ‖z − x_i‖ / Σ w_i at the result. A client whose
+  squared norm is not finite in the updates' dtype (a NaN or Inf entry, or a norm
+  ≳ 1.8e19 in float32) is infinitely far from every point and gets weight 0.
 
   Args:
     num_iterations: Weiszfeld iterations (static), ≥ 1.
@@ -282,11 +290,15 @@ def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggreg
   def apply(updates, weights, state, key=None, client_ids=None):
     del state, key, client_ids
     w = jnp.maximum(float_weights(weights, updates), 0.0)
+    # A client whose squared norm is not finite (a NaN or Inf entry, or too large to
+    # square in its dtype: ≳ 1.8e19 in float32) is infinitely far from every point, so
+    # its Weiszfeld weight w/‖z − x‖ is 0 from the start.
+    w = jnp.where(jnp.isfinite(tree_lib.client_sq_norms(updates)), w, jnp.zeros_like(w))
     total = jnp.sum(w)
     p = w / jnp.where(total > 0, total, 1.0)
     centre = tree_lib.client_weighted_sum(updates, p)
     centred = jax.tree.map(lambda x, m: x - m[None], updates, centre)
-    gram = tree_lib.client_gram(centred).astype(w.dtype)
+    gram = tree_lib.client_gram(centred, w > 0).astype(w.dtype)
     diag = jnp.diagonal(gram)
 
     def distances(a):

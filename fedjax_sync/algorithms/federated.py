@@ -116,10 +116,18 @@ def federated_algorithm(client_update: ClientUpdate, *,
     new_params = optax.apply_updates(state.params, server_updates)
 
     new_client_states = state.client_states
+    if init_client_state is not None or update_extra is not None:
+      # Persistent state never takes in a non-finite client output: such a client is
+      # absent (weight 0) for the scatter and the server's bookkeeping, so one diverged
+      # client (zeroed by `zero_invalid_updates`) cannot poison later rounds.
+      accepted = participating & tree_lib.client_all_finite(
+          (outputs.update, outputs.state, outputs.aux))
+      kept_batch = batch._replace(weight=jnp.where(accepted, batch.weight,
+                                                   jnp.zeros_like(batch.weight)))
     if init_client_state is not None:
       new_client_states = tree_lib.scatter_clients(
-          state.client_states, batch.client_ids, outputs.state, participating)
-    new_extra = (update_extra(state.extra, outputs.aux, batch, num_clients)
+          state.client_states, batch.client_ids, outputs.state, accepted)
+    new_extra = (update_extra(state.extra, outputs.aux, kept_batch, num_clients)
                  if update_extra is not None else state.extra)
 
     metrics = round_metrics(outputs, batch, aggregate, state.params)
@@ -165,8 +173,10 @@ def _shared_metrics(client_metrics: dict, batch: ClientBatch, aggregate: Params,
   num_examples = client_metrics['num_examples']
   total_examples = jnp.sum(present * num_examples)
   participants = jnp.sum(present)
+  # where, not present · loss: an absent client's NaN loss must not make the mean NaN.
+  present_loss = jnp.where(batch.weight > 0, loss_sum, jnp.zeros_like(loss_sum))
   return {
-      'train_loss': jnp.sum(present * loss_sum) / jnp.maximum(total_examples, 1),
+      'train_loss': jnp.sum(present_loss) / jnp.maximum(total_examples, 1),
       'client_loss': loss_sum / jnp.maximum(num_examples, 1),
       'num_participants': participants,
       'update_norm': tree_lib.tree_norm(aggregate),
@@ -190,10 +200,12 @@ def streamed_round_metrics(client_metrics: dict, sq_norms: jax.Array, batch: Cli
   update after the mean is known, so streamed rounds do not report it.
   """
   dtype = compute_dtype(aggregate)
-  mean_sq = jnp.sum(_normalized_weights(batch, dtype) * sq_norms.astype(dtype))
+  normalized = _normalized_weights(batch, dtype)
+  mean_sq = jnp.sum(jnp.where(normalized != 0, normalized * sq_norms.astype(dtype), 0.0))
   metrics = _shared_metrics(client_metrics, batch, aggregate, params)
   metrics['client_drift_rms'] = jnp.sqrt(
       jnp.maximum(mean_sq - tree_lib.tree_sq_norm(aggregate), 0.0))
+  metrics['nonfinite_updates'] = _count_nonfinite(sq_norms, batch)
   return metrics
 
 
@@ -214,6 +226,20 @@ def round_metrics(outputs: ClientOutput, batch: ClientBatch, aggregate: Params,
   deviations = jax.tree.map(lambda u, m: u - m[None], outputs.update, mean_update)
   sq_deviations = jnp.maximum(tree_lib.client_sq_norms(deviations), 0.0)
   metrics = _shared_metrics(outputs.metrics, batch, aggregate, params)
-  metrics['client_drift'] = jnp.sum(normalized * jnp.sqrt(sq_deviations))
-  metrics['client_drift_rms'] = jnp.sqrt(jnp.sum(normalized * sq_deviations))
+  # where, not p · d: an absent client's NaN update must not make the drift NaN.
+  counted = normalized != 0
+  metrics['client_drift'] = jnp.sum(jnp.where(counted, normalized * jnp.sqrt(sq_deviations), 0.0))
+  metrics['client_drift_rms'] = jnp.sqrt(jnp.sum(jnp.where(counted, normalized * sq_deviations,
+                                                           0.0)))
+  # A non-finite mean makes every deviation non-finite: then count the updates themselves.
+  metrics['nonfinite_updates'] = jax.lax.cond(
+      tree_lib.tree_all_finite(mean_update), lambda: _count_nonfinite(sq_deviations, batch),
+      lambda: _count_nonfinite(jnp.where(tree_lib.client_all_finite(outputs.update), 0.0, jnp.nan),
+                               batch))
   return metrics
+
+
+def _count_nonfinite(per_client: jax.Array, batch: ClientBatch) -> jax.Array:
+  """Number of present clients whose `[C]` value (an update's squared norm) is not finite
+  (the `nonfinite_updates` metric of every synchronous round)."""
+  return jnp.sum((batch.weight > 0) & ~jnp.isfinite(per_client)).astype(jnp.float32)

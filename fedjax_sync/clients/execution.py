@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_sync import tree as tree_lib
+
 STRATEGIES = ('vmap', 'chunked', 'sequential', 'loop', 'auto')
 # What 'auto' runs (measured, docs/performance.md). Accelerators want the batched
 # clients. On CPU it depends on size: while the clients' outputs together (one
@@ -177,8 +179,9 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
     raise ValueError(f'{num_clients} clients do not split over {shards} devices; '
                      'pad with zero-weight clients first')
 
-  def weighted_sum(w, u):
-    return jnp.tensordot(w.astype(u.dtype), u, axes=1, precision=jax.lax.Precision.HIGHEST)
+  def weighted_sum(w, update):
+    # A zero-weight client adds nothing even when its update is NaN or Inf.
+    return tree_lib.client_weighted_sum(update, w)
 
   def zero_update(one_client_args, batched: bool):
     if update_like is not None:
@@ -195,8 +198,7 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
     update, per_client = map_clients(fn, shard_args,
                                      execution._replace(strategy=strategy, mesh=None),
                                      client_bytes=client_bytes)
-    total = jax.tree.map(lambda u: weighted_sum(shard_weights, u), update)
-    return total, per_client, sq_norms(update)
+    return weighted_sum(shard_weights, update), per_client, sq_norms(update)
 
   def one_at_a_time(shard_args, shard_weights):
     zeros = zero_update(jax.tree.map(lambda x: x[0], shard_args), batched=False)
@@ -204,7 +206,10 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
     def body(total, xs):
       client_args, w = xs
       update, per_client = fn(*client_args)
-      total = jax.tree.map(lambda t, u: t + w.astype(u.dtype) * u, total, update)
+      # where, not w · u: a zero-weight client's NaN or Inf update adds nothing.
+      total = jax.tree.map(
+          lambda t, u: t + jnp.where(w != 0, w.astype(u.dtype) * u, jnp.zeros((), u.dtype)),
+          total, update)
       sq = sum(jnp.sum(jnp.square(u)) for u in jax.tree.leaves(update))
       return total, (per_client, sq)
 
@@ -227,7 +232,7 @@ def map_reduce_clients(fn: Callable, args, weights, execution: ClientExecution, 
     def body(total, xs):
       chunk_args, chunk_weights = xs
       update, per_client = jax.vmap(fn)(*chunk_args)
-      total = jax.tree.map(lambda t, u: t + weighted_sum(chunk_weights, u), total, update)
+      total = jax.tree.map(jnp.add, total, weighted_sum(chunk_weights, update))
       return total, (per_client, sq_norms(update))
 
     total, (per_client, sq) = jax.lax.scan(body, zeros, chunked)

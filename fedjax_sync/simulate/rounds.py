@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
@@ -71,6 +72,28 @@ class SimulationResult(NamedTuple):
   final_eval: dict[str, Any]
   compile_seconds: float
   run_seconds: float
+  # The first round whose loss or update norm is NaN or Inf (a warning names it), else None.
+  nonfinite_round: int | None = None
+
+
+# Metrics whose NaN or Inf means the run has diverged.
+DIVERGENCE_METRICS = ('train_loss', 'update_norm', 'test_loss')
+
+
+def first_nonfinite(row: dict[str, Any]) -> str | None:
+  """The first of `DIVERGENCE_METRICS` in `row` that is NaN or Inf, else None."""
+  for key in DIVERGENCE_METRICS:
+    value = row.get(key)
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+      return key
+  return None
+
+
+def warn_nonfinite(round_index: int, key: str, value) -> None:
+  """The console warning of a run that became non-finite at `round_index`."""
+  warnings.warn(f'round {round_index}: {key} is {value}: the run became non-finite (the model '
+                'diverged or a client sent NaN/Inf); try a smaller learning rate, '
+                'clip_by_norm or zero_invalid_updates', RuntimeWarning, stacklevel=3)
 
 
 def block_schedule(start: int, total: int, eval_every: int,
@@ -259,6 +282,7 @@ class Simulator:
     started = time.perf_counter()
     evaluation: dict[str, Any] = {}
     state = fresh_buffers(state)
+    nonfinite_round = None
     try:
       for r, length, evaluate_now in block_schedule(start_round, cfg.num_rounds, cfg.eval_every,
                                                     block_every):
@@ -274,6 +298,10 @@ class Simulator:
           if i == length - 1:
             row.update({k: _to_json(v) for k, v in evaluation.items() if np.ndim(v) == 0})
           history.append(row)
+          if nonfinite_round is None and first_nonfinite(row):
+            nonfinite_round = r + i + 1
+            key = first_nonfinite(row)
+            warn_nonfinite(nonfinite_round, key, row[key])
           if metrics_file:
             metrics_file.write(reporting.metrics_line(row))
         if metrics_file:
@@ -292,9 +320,14 @@ class Simulator:
         metrics_file.close()
     if not evaluation:
       evaluation = self.evaluate(state.params, state.client_states)
+    if nonfinite_round is None and history and first_nonfinite(
+        {k: float(v) for k, v in evaluation.items() if np.ndim(v) == 0}):
+      nonfinite_round = history[-1]['round']
+      warn_nonfinite(nonfinite_round, 'test_loss', evaluation['test_loss'])
     return SimulationResult(state=state, history=history, final_eval=evaluation,
                             compile_seconds=compile_seconds,
-                            run_seconds=time.perf_counter() - started - compile_seconds)
+                            run_seconds=time.perf_counter() - started - compile_seconds,
+                            nonfinite_round=nonfinite_round)
 
 
 def rounds_to_reach(history: list[dict[str, Any]], target: float,

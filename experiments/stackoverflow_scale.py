@@ -83,7 +83,8 @@ def run(run_dir: str, *, quick: bool = False, local_steps: int = 2, rounds: int 
 if __name__ == '__main__':
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--run-dir', default=f'runs/stackoverflow_scale-{time.strftime("%Y%m%d-%H%M%S")}')
+  parser.add_argument('--run-dir',
+                      default=f'runs/stackoverflow_scale-{time.strftime("%Y%m%d-%H%M%S")}')
   parser.add_argument('--local-steps', type=int, default=2)
   args = parser.parse_args()
   print(json.dumps(run(args.run_dir, quick=args.quick, local_steps=args.local_steps), indent=2))

@@ -90,7 +90,7 @@ class _CausalTransformer(nn.Module):
     h = nn.Embed(self.vocab_size, self.width)(x.astype(jnp.int32))
     positions = self.param('positions', nn.initializers.normal(0.02),
                            (self.max_length, self.width))
-    h = h + positions[:length]
+    h = h + positions[None, :length]
     mask = nn.make_causal_mask(jnp.ones(x.shape, jnp.int32))
     for _ in range(self.depth):
       h = _CausalBlock(self.width, self.num_heads)(h, mask)
@@ -153,7 +153,8 @@ def sequence_metrics(model: Model, params, x: np.ndarray, y: np.ndarray, *,
   xs[:n], ys[:n] = x, y
   xs = xs.reshape(-1, chunk_size, x.shape[1])
   ys = ys.reshape(-1, chunk_size, x.shape[1])
-  return {k: float(v) for k, v in jax.device_get(_metric_sums(model, layout)(params, xs, ys)).items()}
+  sums = jax.device_get(_metric_sums(model, layout)(params, xs, ys))
+  return {k: float(v) for k, v in sums.items()}
 
 
 _METRIC_CACHE: dict = {}
@@ -173,7 +174,7 @@ def _metric_sums(model: Model, layout: TokenLayout) -> Callable:
       token_loss, real, scored = _token_terms(logits, y, layout)
       excluded = jnp.zeros((vocab,), bool).at[
           jnp.array((layout.pad, layout.bos, layout.eos) + layout.oov_ids(vocab))].set(True)
-      in_vocab_pred = jnp.argmax(jnp.where(excluded, -jnp.inf, logits), -1)
+      in_vocab_pred = jnp.argmax(jnp.where(excluded[None, None, :], -jnp.inf, logits), -1)
       is_oov = jnp.isin(y, jnp.array(layout.oov_ids(vocab)))
       terms = (jnp.sum(jnp.where(real, token_loss, 0.0)), jnp.sum(real),
                jnp.sum((jnp.argmax(logits, -1) == y) & scored),

@@ -2,9 +2,11 @@
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 
@@ -46,7 +48,7 @@ def test_values_and_gradients_equal_lax(case):
   np.testing.assert_allclose(hv(ours), hv(theirs), rtol=1e-3, atol=1e-4)
 
 
-def test_ineligible_convolutions_fall_back_to_lax():
+def test_strided_and_dilated_convolutions_equal_lax():
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
   w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
   for kwargs in (dict(window_strides=(2, 2)), dict(window_strides=(1, 1), rhs_dilation=(2, 2))):
@@ -86,3 +88,145 @@ def test_models_train_the_same_with_either_convolution(build):
   grad = lambda m: jax.jit(jax.grad(lambda p: jnp.mean(m.loss(p, batch, None))))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grad(fast), grad(plain))
+
+
+# --- The local step's rewrite: every convolution of any loss, any configuration. ---
+
+from fedjax_sync.clients.conv_rewrite import loop_friendly_convolutions  # noqa: E402
+
+GENERAL = [
+    dict(x=(2, 9, 9, 4), w=(3, 3, 4, 6), strides=(2, 2), padding='SAME', dn=NHWC),
+    dict(x=(2, 9, 9, 4), w=(3, 3, 2, 6), strides=(1, 2), padding='VALID', rhs_dilation=(2, 1),
+         feature_group_count=2, dn=NHWC),
+    dict(x=(2, 4, 9, 9), w=(6, 4, 3, 3), strides=(2, 1), padding=((1, 2), (0, 1)),
+         lhs_dilation=(1, 2), dn=('NCHW', 'OIHW', 'NCHW')),
+    dict(x=(4, 9, 3), w=(3, 3, 5), strides=(3,), padding='SAME', dn=('NWC', 'WIO', 'NWC')),
+    dict(x=(2, 5, 6, 7, 2), w=(2, 3, 2, 2, 4), strides=(1, 2, 2), padding='SAME',
+         dn=('NDHWC', 'DHWIO', 'NDHWC')),
+    dict(x=(6, 3, 7, 7), w=(3, 3, 3, 6), strides=(2, 1), padding='SAME', batch_group_count=3,
+         dn=('NCHW', 'HWIO', 'NHWC')),
+    dict(x=(2, 6, 6, 4), w=(3, 3, 1, 4), strides=(1, 1), padding='SAME', feature_group_count=4,
+         dn=NHWC),
+]
+
+
+def _general_loss(case):
+  kwargs = {k: v for k, v in case.items() if k not in ('x', 'w', 'strides', 'dn')}
+  return _loss(lax.conv_general_dilated, window_strides=case['strides'],
+               dimension_numbers=case['dn'], **kwargs)
+
+
+@pytest.mark.parametrize('case', GENERAL, ids=['stride', 'dilated-grouped', 'nchw-lhs-dilated',
+                                               '1d', '3d', 'batch-groups', 'depthwise'])
+def test_rewritten_loss_equals_lax_in_values_and_gradients(case):
+  x = jax.random.normal(jax.random.key(0), case['x'])
+  w = jax.random.normal(jax.random.key(1), case['w'])
+  plain = _general_loss(case)
+  fast = loop_friendly_convolutions(plain)
+  compiled = jax.jit(jax.value_and_grad(fast, (0, 1))).lower(x, w).compile()
+  value, grads = compiled(x, w)
+  expected_value, expected_grads = jax.jit(jax.value_and_grad(plain, (0, 1)))(x, w)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  for a, b in zip(grads, expected_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert _all_canonical(compiled.as_text()), _labels(compiled.as_text())
+
+
+def _labels(text):
+  return set(re.findall(r'dim_labels=(\S+?)[,\s]', text))
+
+
+def _all_canonical(text):
+  labels = _labels(text)
+  return bool(labels) and all(re.fullmatch(r'b(\d*)f_\1io->b\1f', l) for l in labels)
+
+
+def test_second_order_gradients_of_the_rewrite_equal_lax():
+  case = GENERAL[1]
+  x = jax.random.normal(jax.random.key(0), case['x'])
+  w = jax.random.normal(jax.random.key(1), case['w'])
+  plain = _general_loss(case)
+  hv = lambda f: jax.grad(lambda w: jnp.sum(jax.grad(f, 1)(x, w) ** 2))(w)
+  np.testing.assert_allclose(hv(loop_friendly_convolutions(plain)), hv(plain), rtol=1e-3,
+                             atol=1e-4)
+
+
+def test_rewrite_reaches_convolutions_in_jit_scan_cond_and_checkpoint():
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=NHWC)
+
+  def loss(x, w):
+    y = jax.jit(conv)(x, w)
+    y = y + jax.checkpoint(conv)(x, w)
+    y = lax.cond(jnp.sum(x) > 0, lambda: conv(x, w), lambda: conv(-x, w)) + y
+    y2, _ = lax.scan(lambda c, _: (c + conv(x, w * c[0, 0, 0, 0]), None), y, None, length=2)
+    return jnp.sum(jnp.sin(y2))
+
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4)) * 0.3
+  compiled = jax.jit(jax.value_and_grad(loop_friendly_convolutions(loss), (0, 1))).lower(
+      x, w).compile()
+  value, grads = compiled(x, w)
+  expected_value, expected_grads = jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  for a, b in zip(grads, expected_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert _all_canonical(compiled.as_text()), _labels(compiled.as_text())
+
+
+def test_forward_mode_of_the_rewrite_is_a_clear_error_and_jvp_inside_the_loss_works():
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)
+  x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2))
+  fast = loop_friendly_convolutions(lambda x, w: jnp.sum(conv(x, w) ** 2))
+  with pytest.raises(TypeError, match='custom_vjp'):
+    jax.jvp(lambda w: fast(x, w), (w,), (w,))
+  # A loss that uses jax.jvp itself is traced first, then rewritten.
+  inner = lambda x, w: jnp.sum(jax.jvp(lambda v: conv(x, v), (w,), (w,))[1] ** 2)
+  np.testing.assert_allclose(jax.grad(loop_friendly_convolutions(inner), 1)(x, w),
+                             jax.grad(inner, 1)(x, w), rtol=1e-5)
+
+
+class _StockCNN(nn.Module):
+  """FedJAX's EMNIST CNN layout with plain nn.Conv, narrower (for speed)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Conv(4, (3, 3), padding='VALID')(x))
+    x = nn.relu(nn.Conv(8, (3, 3), padding='VALID')(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+class _ResNetCNN(nn.Module):
+  """A residual stage with a strided 3×3 convolution and a strided 1×1 projection."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    y = nn.Conv(8, (3, 3))(nn.relu(nn.Conv(8, (3, 3), strides=(2, 2))(x)))
+    x = nn.relu(y + nn.Conv(8, (1, 1), strides=(2, 2))(x))
+    return nn.Dense(5)(jnp.mean(x, axis=(1, 2)))
+
+
+@pytest.mark.parametrize('module,shape', [(_StockCNN(), (10, 10, 1)), (_ResNetCNN(), (8, 8, 3))],
+                         ids=['stock-cnn', 'resnet'])
+def test_no_non_canonical_convolution_in_the_local_training_loop(module, shape):
+  model = fs.models.from_flax(module, jnp.zeros((1,) + shape))
+  params = model.init(jax.random.key(0))
+  data = {'x': jax.random.uniform(jax.random.key(1), (3, 4) + shape), 'y': jnp.zeros((3, 4), int)}
+  mask = jnp.ones((3, 4), bool)
+  optimizer = optax.sgd(0.1)
+
+  def compiled(**flag):
+    train = fs.make_local_training(fs.make_local_step(model.loss, optimizer, **flag))
+    run = jax.jit(lambda p: train(p, optimizer.init(p), data, mask, jax.random.key(2))[0])
+    return run, run.lower(params).compile().as_text()
+
+  (fast, fast_hlo), (plain, plain_hlo) = compiled(), compiled(loop_friendly_convolutions=False)
+  assert 'while' in fast_hlo and _all_canonical(fast_hlo), _labels(fast_hlo)
+  assert not _all_canonical(plain_hlo)   # the check can fail: autodiff's own gradients
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               fast(params), plain(params))
+  marked = fs.make_local_step(fs.clients.keep_convolutions(model.loss), optimizer)
+  step_jaxpr = str(jax.make_jaxpr(lambda p: marked(p, optimizer.init(p), jax.tree.map(
+      lambda v: v[0], data), mask[0], jax.random.key(2))[0])(params))
+  assert 'custom_vjp' not in step_jaxpr and 'conv_general_dilated' in step_jaxpr

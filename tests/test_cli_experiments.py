@@ -58,7 +58,7 @@ def test_run_config_passes_the_study_contract(tmp_path, capsys):
 @pytest.mark.parametrize('argv,needle', [
     (['run', '--config', 'missing.py'], "--config 'missing.py' is not a .py study file; valid:"),
     (['run', '--config', STUDY, '--seeds', '0'], "'0' must be a positive integer"),
-    (['run', '--dataset', 'nope'], "invalid choice: 'nope'"),
+    (['run', '--dataset', 'nope'], "unknown dataset 'nope'"),
     (['plot', '/nonexistent/run'], "RUN_DIR '/nonexistent/run' has no metrics.jsonl"),
     (['run', '--dataset', 'mnist', '--data-dir', '/nonexistent/tfds', '--rounds', '1'],
      "dataset 'mnist' (TFDS 'mnist') is not prepared in /nonexistent/tfds"),

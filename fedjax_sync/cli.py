@@ -603,6 +603,9 @@ def _load_study(path: str):
   name = 'fedjax_sync_study_' + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  # Registered before it runs: dataclasses and flax modules defined in a study look
+  # their module up in sys.modules.
+  sys.modules[name] = module
   try:
     spec.loader.exec_module(module)
   except SyntaxError as e:

@@ -321,3 +321,12 @@ def test_cli_runs_char_lstm_on_prepared_shakespeare(tmp_path, capsys):
                    run_dir, '--quiet']) == 0
   assert 'fedavg on Shakespeare (3 play roles)' in capsys.readouterr().out
   assert os.path.isfile(os.path.join(run_dir, 'metrics.jsonl'))
+
+
+def test_prepare_source_names_the_way_to_train_on_a_leaf_copy(tmp_path):
+  from fedjax_sync.data import shakespeare as shakespeare_data
+
+  (tmp_path / 'train').mkdir()
+  (tmp_path / 'train' / 'all_data.json').write_text('{"users": [], "user_data": {}}')
+  with pytest.raises(ValueError, match='is LEAF JSON.*fedjax-sync run --dataset'):
+    shakespeare_data.read_source_speeches(str(tmp_path))

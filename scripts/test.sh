@@ -6,5 +6,5 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
 fi
-.venv/bin/pip install --quiet -e '.[test,digits]'
+.venv/bin/pip install --quiet -e '.[test,digits,h5]'
 exec .venv/bin/python -m pytest -q "$@"

@@ -193,8 +193,7 @@ def client_clip(stacked: PyTree, bound) -> tuple[PyTree, jax.Array, jax.Array]:
   bound = jnp.asarray(bound, dtype)
 
   def direct():
-    norms = jnp.sqrt(jnp.maximum(sq, 0))
-    factors = jnp.where(norms > bound, bound / jnp.where(norms > 0, norms, 1), 1).astype(dtype)
+    norms, factors = _direct_clip_factors(sq, bound)
     return client_scale(stacked, factors), factors, norms
 
   def scaled():
@@ -221,6 +220,13 @@ def client_clip(stacked: PyTree, bound) -> tuple[PyTree, jax.Array, jax.Array]:
     return out, factors, norms
 
   return jax.lax.cond(jnp.all(jnp.isfinite(sq)), direct, scaled)
+
+
+def _direct_clip_factors(sq: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`[C]` norms and factors `min(1, bound/‖x_c‖)` from finite squared norms."""
+  norms = jnp.sqrt(jnp.maximum(sq, 0))
+  factors = jnp.where(norms > bound, bound / jnp.where(norms > 0, norms, 1), 1).astype(sq.dtype)
+  return norms, factors
 
 
 def client_flatten(stacked: PyTree) -> jax.Array:
@@ -271,8 +277,7 @@ def client_clipped_weighted_sum(stacked: PyTree, weights: jax.Array,
   bound = jnp.asarray(bound, dtype)
 
   def folded():
-    norms = jnp.sqrt(jnp.maximum(sq, 0))
-    factors = jnp.where(norms > bound, bound / jnp.where(norms > 0, norms, 1), 1).astype(dtype)
+    norms, factors = _direct_clip_factors(sq, bound)
     w = weights * factors.astype(weights.dtype)
     return client_weighted_sum(stacked, w), factors, norms
 

@@ -435,15 +435,26 @@ def _load_data(args):
                      f'--dataset (valid: {", ".join(dataset_names())})') from None
 
 
-def _models_fitting(input_shape, num_classes) -> list[str]:
+def _trace_model_on(model, example) -> None:
+  """Traces (never runs) the model's init and loss on `example`; raises when they do not fit."""
   import jax
+
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  jax.eval_shape(model.loss, params, example, jax.random.key(0))
+
+
+def _example_batch(data) -> dict:
+  return {k: v[:2] for k, v in data.train.items()}
+
+
+def _models_fitting(data) -> list[str]:
   from fedjax_sync.models import MODELS, get_model
 
   fitting = []
   for name in sorted(MODELS):
     try:
-      model = get_model(name, input_shape, num_classes)
-      jax.eval_shape(model.init, jax.random.key(0))
+      model = get_model(name, data.train['x'].shape[1:], data.num_classes)
+      _trace_model_on(model, _example_batch(data))
     except Exception:  # noqa: BLE001 - any failure means: does not fit this data
       continue
     fitting.append(name)
@@ -452,7 +463,7 @@ def _models_fitting(input_shape, num_classes) -> list[str]:
 
 def _model_error(args, model_name, data, error) -> ValueError:
   shape = tuple(data.train['x'].shape[1:])
-  fitting = _models_fitting(shape, data.num_classes)
+  fitting = _models_fitting(data)
   return ValueError(f'--model {model_name!r} does not fit --dataset {args.dataset!r} (examples '
                     f'of shape {shape}): {_one_line(error)}; valid for this data: '
                     f'{", ".join(fitting) or "none"}')
@@ -500,7 +511,8 @@ def _run(args, given: set[str] = frozenset()) -> int:
   input_shape = data.train['x'].shape[1:]
   try:
     model = fs.models.get_model(model_name, input_shape, data.num_classes)
-  except (TypeError, ValueError) as e:
+    _trace_model_on(model, _example_batch(data))
+  except Exception as e:  # noqa: BLE001 - a model that cannot trace on this data
     raise _model_error(args, model_name, data, e) from None
   mesh = fs.client_mesh() if args.shard else None
   execution = fs.ClientExecution(args.execution, args.chunk_size, mesh).validate()

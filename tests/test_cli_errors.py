@@ -43,6 +43,9 @@ BAD = {
     'config run raises': (lambda t: ['run', '--config', _study(
         t, 'def run(run_dir, **kw):\n  raise RuntimeError("boom")\n')], '--config'),
     'conv model on vectors': (lambda t: ['run', '--model', 'emnist_cnn', *SMALL], '--model'),
+    # Builds and initializes, fails only in its loss: caught by tracing the loss too.
+    'sequence model on vectors': (lambda t: ['run', '--model', 'char_lstm', *SMALL],
+                                  "--model 'char_lstm' does not fit"),
     'digits without scikit-learn': (lambda t: ['run', '--dataset', 'digits', *SMALL],
                                     '--dataset'),
     'resume missing': (lambda t: ['run', '--resume', str(t / 'nothing')], '--resume'),

@@ -33,7 +33,8 @@ def _positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f'{text!r} is not an integer; valid: 1 to {MAX_COUNT}'
                                      ) from None
   if value < 1:
-    raise argparse.ArgumentTypeError(f'{text!r} must be a positive integer')
+    raise argparse.ArgumentTypeError(f'{text!r} must be a positive integer; valid: 1 to '
+                                     f'{MAX_COUNT}')
   if value > MAX_COUNT:
     raise argparse.ArgumentTypeError(f'{text!r} is too large; valid: 1 to {MAX_COUNT} '
                                      '(int32 counts)')
@@ -62,15 +63,20 @@ def _non_negative_float(text: str) -> float:
 
 
 def _positive_float(text: str) -> float:
-  value = _non_negative_float(text)
-  if value == 0:
-    raise argparse.ArgumentTypeError(f'{text!r} must be > 0')
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a number; valid: a finite number > 0'
+                                     ) from None
+  if not math.isfinite(value) or value <= 0:
+    raise argparse.ArgumentTypeError(f'{text!r} is out of range; valid: a finite number > 0')
   return value
 
 
 def build_parser() -> argparse.ArgumentParser:
   from fedjax_sync.algorithms.registry import algorithm_names
   from fedjax_sync.clients.execution import STRATEGIES
+  from fedjax_sync.data.npz import PARTITIONS
   from fedjax_sync.data.registry import dataset_names
   from fedjax_sync.models import MODELS
 
@@ -132,13 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--seeds', type=_positive_int, default=None,
                    help="with --config: number of seeds (default: the study's)")
   run.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
-  run.add_argument('--data-path', default=None, metavar='DIR',
-                   help="IDX directory for --dataset idx or fashion_mnist")
+  run.add_argument('--data-path', default=None, metavar='PATH', help=_DATA_PATH_HELP)
+  run.add_argument('--data-seed', type=_seed, default=0,
+                   help='seed of the data: the partition, or the generated data of synthetic '
+                        '(default 0, whatever --seed; --seed drives the model and sampling)')
+  run.add_argument('--partition', default=None, choices=PARTITIONS,
+                   help='how centralized data is split among clients (default dirichlet; '
+                        'datasets with their own clients take no partition)')
+  run.add_argument('--alpha', type=_positive_float, default=None,
+                   help='Dirichlet concentration for --partition dirichlet (default 0.5; '
+                        'small: skewed labels)')
+  run.add_argument('--shards-per-client', type=_positive_int, default=None,
+                   help='single-class shards per client for --partition shards (default 2)')
   inspect = sub.add_parser('inspect', help='clients, examples, features and client sizes of '
                                            'a dataset (a registered name or a file)')
   inspect.add_argument('dataset', type=_dataset, metavar='NAME|PATH')
   inspect.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
-  inspect.add_argument('--data-path', default=None, metavar='DIR', help='IDX directory')
+  inspect.add_argument('--data-path', default=None, metavar='PATH', help=_DATA_PATH_HELP)
 
   bench = sub.add_parser('bench', help='time FedAvg rounds per execution strategy '
                                        '(experiments/benchmark.py)')
@@ -179,9 +195,68 @@ def _inspect(args) -> int:
 
 
 def _data_path(args) -> dict:
-  """`--data-path` as a loader option, only when given (other datasets reject it)."""
+  """`--data-path` as a loader option, only when given and only for a dataset that reads one."""
+  from fedjax_sync.data.registry import data_path_datasets, dataset_names
+
   path = getattr(args, 'data_path', None)
-  return {'data_path': path} if path else {}
+  if not path:
+    return {}
+  takers = data_path_datasets()
+  if args.dataset not in takers:
+    what = (f'--dataset {args.dataset!r}' if args.dataset in dataset_names() else
+            f'a --dataset given as a path ({args.dataset!r} is read from that path)')
+    raise ValueError(f'--data-path {path!r} does not apply to {what}; valid: --data-path with '
+                     f'--dataset {", ".join(takers)}')
+  return {'data_path': path}
+
+
+_DATA_PATH_HELP = ('the data file or directory: the .npz file for --dataset npz, the IDX '
+                   'directory for --dataset idx or fashion_mnist')
+# Flag values of centralized data when the flags are not given: the loaders' own
+# defaults (dirichlet, α = 0.5), so runs made before these flags partition as they
+# did; 2 shards per client as in McMahan et al. 2017 (arXiv 1602.05629).
+PARTITION_DEFAULTS = {'partition': 'dirichlet', 'alpha': 0.5, 'shards_per_client': 2}
+_PARTITION_FLAGS = ('partition', 'alpha', 'shards_per_client')
+
+
+def _partition_settings(args) -> dict | None:
+  """The partition options of `--dataset` (for `load_dataset`), checked; None when the
+  dataset keeps its own clients (then no partition flag may be given)."""
+  from fedjax_sync.data.registry import is_partitioned, partitioned_datasets
+
+  given = [d for d in _PARTITION_FLAGS if getattr(args, d, None) is not None]
+  if not is_partitioned(args.dataset):
+    if given:
+      raise ValueError(
+          f'{_flag(given[0])} {getattr(args, given[0])}: --dataset {args.dataset!r} has its '
+          'own clients (a natural partition), so it takes no partition flags; valid: '
+          f'--partition, --alpha, --shards-per-client with --dataset '
+          f'{", ".join(partitioned_datasets())} or an IDX directory')
+    return None
+  partition = args.partition or PARTITION_DEFAULTS['partition']
+  for dest, applies in (('alpha', 'dirichlet'), ('shards_per_client', 'shards')):
+    if getattr(args, dest) is not None and partition != applies:
+      raise ValueError(f'{_flag(dest)} {getattr(args, dest)} applies to --partition {applies}, '
+                       f'not {partition}; valid: --partition {applies} {_flag(dest)} '
+                       f'{getattr(args, dest)}, or drop {_flag(dest)}')
+  settings = {'partition': partition}
+  if partition in ('dirichlet', 'shards'):
+    dest = 'alpha' if partition == 'dirichlet' else 'shards_per_client'
+    value = getattr(args, dest)
+    settings[dest] = PARTITION_DEFAULTS[dest] if value is None else value
+  return settings
+
+
+def _partition_error(error: BaseException):
+  """The `PartitionError` that caused `error`, if any (loaders re-raise with their file)."""
+  from fedjax_sync.data.partition import PartitionError
+
+  seen = 0
+  while error is not None and seen < 10:
+    if isinstance(error, PartitionError):
+      return error
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return None
 
 
 def _prepare(args) -> int:
@@ -278,6 +353,47 @@ _NOT_IDENTITY = ('command', 'rounds', 'eval_every', 'quiet', 'checkpoint_every',
                  'resume', 'config', 'quick', 'seeds', 'data_dir', 'data_path')
 
 
+def _identity_options(args) -> dict:
+  """The options a checkpoint must agree with (all but `_NOT_IDENTITY`).
+
+  The data options added later (`--data-seed`, the partition flags) are left out
+  while they hold the values that reproduce the runs made before them (data seed =
+  --seed, partition flags not given), so those runs' checkpoints still resume.
+  """
+  options = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IDENTITY}
+  if options.get('data_seed', args.seed) == args.seed:
+    options.pop('data_seed', None)
+  for dest in _PARTITION_FLAGS:
+    if options.get(dest) is None:
+      options.pop(dest, None)
+  return options
+
+
+def _partition_record(partition: dict | None) -> dict | None:
+  """The partition of config.json (None: the dataset's own clients)."""
+  if partition is None:
+    return None
+  extra = {'method': 'per_class'} if partition['partition'] == 'dirichlet' else {}
+  return {**partition, **extra}
+
+
+def _check_data_unchanged(args, fingerprint: dict) -> None:
+  """A resumed run's data must be the data it was made with (config.json's fingerprint)."""
+  config_file = os.path.join(args.resume, 'config.json')
+  with open(config_file, encoding='utf-8') as f:
+    recorded = json.load(f).get('data_fingerprint')
+  if not isinstance(recorded, dict) or 'sha256' not in recorded:
+    return   # written before fingerprints were recorded: nothing to compare with
+  if recorded['sha256'] != fingerprint['sha256']:
+    def brief(p):
+      return (f"sha256 {str(p.get('sha256'))[:12]}…, {p.get('num_clients')} clients, "
+              f"{p.get('num_examples')} examples")
+    raise ValueError(f'--resume {args.resume!r}: the data changed under the run: --dataset '
+                     f'{args.dataset!r} now gives {brief(fingerprint)}, {config_file} recorded '
+                     f'{brief(recorded)}; valid: the data the run was made with (same files, '
+                     '--data-seed and partition)')
+
+
 def _run_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
   for action in parser._actions:   # noqa: SLF001 - argparse exposes no public accessor
     if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
@@ -357,6 +473,8 @@ def _resumed_args(args, given: set[str]) -> argparse.Namespace:
       _check_saved_option(actions[dest], value, config_file)
   merged = {dest: action.default for dest, action in actions.items()}
   merged.update(saved)
+  if 'data_seed' not in saved:   # made before --data-seed, when --seed also seeded the data
+    merged['data_seed'] = merged['seed']
   for dest in sorted(given - {'resume', 'rounds', *_RESUME_MAY_CHANGE}):
     mine, theirs = getattr(args, dest), merged.get(dest)
     if dest == 'run_dir' and mine is not None and os.path.realpath(mine) == os.path.realpath(
@@ -422,17 +540,26 @@ def _check_round_size(args, data, work) -> None:
         f'{have // example_bytes:,}')
 
 
-def _load_data(args):
+def _load_data(args, partition: dict | None = None):
+  """`--dataset` loaded with `--data-seed`, `--data-path` and the partition settings."""
   from fedjax_sync.data.registry import load_dataset
 
   _check_population(args)
   try:
-    return load_dataset(args.dataset, num_clients=args.num_clients, seed=args.seed,
-                        data_dir=getattr(args, 'data_dir', None), **_data_path(args))
+    return load_dataset(args.dataset, num_clients=args.num_clients, seed=args.data_seed,
+                        data_dir=getattr(args, 'data_dir', None), **_data_path(args),
+                        **(partition or {}))
   except ImportError as e:
     from fedjax_sync.data.registry import dataset_names
     raise ValueError(f'--dataset {args.dataset!r}: {_one_line(e)}; or choose another '
                      f'--dataset (valid: {", ".join(dataset_names())})') from None
+  except ValueError as e:
+    cause = _partition_error(e)
+    if cause is None or partition is None or cause.parameter not in partition:
+      raise
+    raise ValueError(f'{_flag(cause.parameter)} {partition[cause.parameter]} (--partition '
+                     f'{partition["partition"]}, --dataset {args.dataset!r}, --num-clients '
+                     f'{args.num_clients}): {_one_line(cause)}') from None
 
 
 def _trace_model_on(model, example) -> None:
@@ -482,6 +609,7 @@ def _absolute_data_paths(args) -> None:
 
 def _run(args, given: set[str] = frozenset()) -> int:
   import fedjax_sync as fs
+  from fedjax_sync.data.federated import data_fingerprint
   from fedjax_sync.data.registry import default_model
   from fedjax_sync.simulate import checkpoint
 
@@ -489,6 +617,11 @@ def _run(args, given: set[str] = frozenset()) -> int:
     if args.resume is not None:
       raise ValueError('--config and --resume cannot be combined; valid: --resume RUN_DIR '
                        'alone (its config.json gives the options)')
+    given_data = [d for d in _PARTITION_FLAGS if getattr(args, d, None) is not None]
+    if given_data:
+      raise ValueError(f'{_flag(given_data[0])} does not apply to --config (a study partitions '
+                       'its own data); valid: --partition, --alpha, --shards-per-client '
+                       'without --config')
     return _run_config(args)
   resuming = args.resume is not None
   if resuming:
@@ -500,7 +633,11 @@ def _run(args, given: set[str] = frozenset()) -> int:
   if args.dataset is None:
     args.dataset = 'synthetic'
 
-  data = _load_data(args)
+  partition = _partition_settings(args)
+  data = _load_data(args, partition)
+  fingerprint = data_fingerprint(data)
+  if resuming:
+    _check_data_unchanged(args, fingerprint)
   model_name = args.model or default_model(args.dataset)
   if args.chunk_size is not None and args.execution != 'chunked':
     raise ValueError(f"--chunk-size applies to --execution chunked, not {args.execution!r}")
@@ -531,12 +668,14 @@ def _run(args, given: set[str] = frozenset()) -> int:
   except (TypeError, ValueError) as e:
     raise _model_error(args, model_name, data, e) from None
   identity = {**checkpoint.simulation_identity(simulator), 'model': model_name,
-              'options': {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IDENTITY}}
+              'options': _identity_options(args)}
 
   def write_config(run_dir):
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       json.dump({'command': 'run', 'algorithm': args.algorithm, 'dataset': args.dataset,
                  'model': model_name, 'num_clients': data.num_clients,
+                 'data_seed': args.data_seed, 'partition': _partition_record(partition),
+                 'data_fingerprint': fingerprint,
                  'hyperparameters': dataclasses.asdict(hparams),
                  'simulation': {**dataclasses.asdict(config), 'local_work': work._asdict()},
                  'execution': {'strategy': args.execution, 'chunk_size': args.chunk_size,

@@ -156,8 +156,8 @@ def load_npz(path: str, *, num_clients: int = 10, **options) -> FederatedData:
       shards_per_client, seed, method, num_classes).
   """
   if not path:
-    raise ValueError("the 'npz' dataset needs path=<file.npz> holding "
-                     f'{", ".join(NPZ_KEYS)}')
+    raise ValueError("the 'npz' dataset needs its file; valid: --data-path FILE.npz (Python: "
+                     f'path=), an .npz archive holding {", ".join(NPZ_KEYS)}')
   unknown = sorted(set(options) - set(NPZ_OPTIONS))
   if unknown:
     raise ValueError(f'unknown option(s) {", ".join(unknown)} for an npz dataset; valid: '

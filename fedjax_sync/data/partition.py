@@ -14,6 +14,19 @@ import numpy as np
 DIRICHLET_METHODS = ('per_class', 'per_client')
 
 
+class PartitionError(ValueError):
+  """A partition parameter that cannot split this data (e.g. too many shards per client).
+
+  Attributes:
+    parameter: the parameter's name ('alpha' or 'shards_per_client'), so that a
+      caller can name its own option (the CLI's `--shards-per-client`).
+  """
+
+  def __init__(self, parameter: str, message: str):
+    super().__init__(message)
+    self.parameter = parameter
+
+
 def _is_integer(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -100,8 +113,9 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
       out = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
       if min(len(o) for o in out) >= min_size:
         return out
-    raise ValueError(f'no per_class Dirichlet split with every client ≥ {min_size} examples '
-                     f'after {max_tries} tries (alpha={alpha}); lower min_size or raise alpha')
+    raise PartitionError('alpha', f'no per_class Dirichlet split with every client ≥ '
+                         f'{min_size} examples after {max_tries} tries (alpha={alpha}); lower '
+                         'min_size or raise alpha')
   else:  # method == 'per_client' (checked above)
     sizes = [len(s) for s in np.array_split(np.arange(labels.shape[0]), num_clients)]
     remaining = [list(p) for p in pools]
@@ -140,18 +154,17 @@ def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int
   rng = np.random.default_rng(seed)
   num_shards = num_clients * shards_per_client
   classes, sizes = np.unique(labels, return_counts=True)
-  if num_shards < len(classes):
-    raise ValueError(f'{num_shards} shards cannot hold {len(classes)} classes without mixing; '
-                     'use more clients or shards_per_client')
-  # Largest-remainder allocation with at least one shard per class.
-  alloc = np.ones(len(classes), np.int64)
-  extra = num_shards - len(classes)
-  share = sizes / sizes.sum() * extra
-  alloc += np.floor(share).astype(np.int64)
-  rest = num_shards - alloc.sum()
-  alloc[np.argsort(-(share - np.floor(share)), kind='stable')[:rest]] += 1
-  if np.any(alloc > sizes):
-    raise ValueError('a class has fewer examples than shards; use fewer shards')
+  alloc = _shard_allocation(sizes, num_shards)
+  if alloc is None:
+    low, high = shards_per_client_range(sizes, num_clients)
+    why = (f'{num_shards} shards cannot hold {len(classes)} classes without mixing'
+           if num_shards < len(classes) else 'a class has fewer examples than its shards')
+    valid = (f'valid: {low} to {high}' if low <= high else
+             'no value fits: use fewer clients')
+    raise PartitionError(
+        'shards_per_client',
+        f'shards_per_client={shards_per_client} does not fit {labels.shape[0]} examples of '
+        f'{len(classes)} classes among {num_clients} clients ({why}); {valid}')
   shards = []
   for c, k in zip(classes, alloc):
     pool = rng.permutation(np.flatnonzero(labels == c))
@@ -159,3 +172,46 @@ def shard_partition(labels: np.ndarray, num_clients: int, shards_per_client: int
   assignment = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
   return [np.sort(np.concatenate([shards[a] for a in row])).astype(np.int64)
           for row in assignment]
+
+
+def _shard_allocation(sizes: np.ndarray, num_shards: int) -> np.ndarray | None:
+  """Single-class shards per class (class sizes `[K]`), proportional to the sizes.
+
+  Largest-remainder allocation with at least one shard per class; None when the
+  shards cannot hold the classes without mixing or a class has fewer examples than
+  its shards.
+  """
+  if num_shards < len(sizes):
+    return None
+  alloc = np.ones(len(sizes), np.int64)
+  share = sizes / sizes.sum() * (num_shards - len(sizes))
+  alloc += np.floor(share).astype(np.int64)
+  rest = num_shards - alloc.sum()
+  alloc[np.argsort(-(share - np.floor(share)), kind='stable')[:rest]] += 1
+  return None if np.any(alloc > sizes) else alloc
+
+
+def shards_per_client_range(class_sizes, num_clients: int) -> tuple[int, int]:
+  """`(low, high)`: the range of `shards_per_client` that `shard_partition` accepts.
+
+  `low` gives every class a shard; `high` is the largest value whose shards each
+  hold at least one example of their class, found by bisection (the largest-
+  remainder rounding can make a value just below `high` fail too; the partition
+  itself checks the exact value). `low > high` when no value fits.
+
+  Args:
+    class_sizes: `[K]` number of training examples of each class.
+    num_clients: number of clients.
+  """
+  sizes = np.asarray(class_sizes, np.int64)
+  low = max(1, -(-len(sizes) // num_clients))
+  lo, hi = low, int(sizes.sum()) // num_clients
+  if hi < lo or _shard_allocation(sizes, num_clients * lo) is None:
+    return low, low - 1
+  while lo < hi:   # invariant: `lo` fits
+    mid = (lo + hi + 1) // 2
+    if _shard_allocation(sizes, num_clients * mid) is None:
+      hi = mid - 1
+    else:
+      lo = mid
+  return low, lo

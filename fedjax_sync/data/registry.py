@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Callable
 
 from fedjax_sync.data.federated import FederatedData
@@ -75,6 +76,30 @@ def dataset_options(name: str) -> list[str]:
   return sorted(named)
 
 
+def is_partitioned(name: str) -> bool:
+  """Whether a dataset (a registered name or a path) is centralized data split among
+  clients by a partition (`partition=`, `alpha=`, `shards_per_client=`).
+
+  The others are naturally federated and keep their own clients: FedProx's synthetic
+  data (generated per client), Shakespeare, and LEAF/TFF/FedJAX files; IDX files
+  are centralized.
+  """
+  if _is_path(name):
+    from fedjax_sync.data.files import detect_format
+    return detect_format(name) == 'idx'
+  return 'partition' in dataset_options(name)
+
+
+def partitioned_datasets() -> list[str]:
+  """The registered datasets that take partition options (see `is_partitioned`)."""
+  return [name for name in dataset_names() if 'partition' in dataset_options(name)]
+
+
+def data_path_datasets() -> list[str]:
+  """The registered datasets that read a file or directory given as `data_path=`."""
+  return [name for name in dataset_names() if 'data_path' in dataset_options(name)]
+
+
 def _check_options(name: str, options) -> None:
   """A misspelt or foreign option (`partiton='iid'`) is an error, never silently dropped."""
   valid = dataset_options(name)
@@ -126,9 +151,14 @@ def _digits(num_clients=10, seed=0, partition='dirichlet', alpha=0.5, shards_per
 
 
 def _npz(path=None, num_clients=10, seed=0, partition='dirichlet', alpha=0.5,
-         shards_per_client=1, method='per_class', **_):
+         shards_per_client=1, method='per_class', data_path=None, **_):
+  # `data_path` is the CLI's --data-path (the one option naming a dataset's file);
+  # `path=` is the Python spelling.
   from fedjax_sync.data.npz import load_npz
-  return load_npz(path, num_clients=num_clients, partition=partition, alpha=alpha,
+  if path and data_path and os.path.abspath(path) != os.path.abspath(data_path):
+    raise ValueError(f"the 'npz' dataset got two files, path={path!r} and data_path="
+                     f'{data_path!r}; valid: one of them')
+  return load_npz(path or data_path, num_clients=num_clients, partition=partition, alpha=alpha,
                   shards_per_client=shards_per_client, seed=seed, method=method)
 
 
@@ -147,7 +177,8 @@ register_dataset('synthetic_pooled', _synthetic_pooled,
                  'logistic_regression')
 register_dataset('digits', _digits,
                  "scikit-learn's 1,797 real 8×8 digits, offline (extra 'digits')", 'mlp')
-register_dataset('npz', _npz, 'a local .npz (x_train, y_train, x_test, y_test; path=)', 'mlp')
+register_dataset('npz', _npz, 'a local .npz holding x_train, y_train, x_test, y_test '
+                 '(--data-path FILE; path=)', 'mlp')
 
 
 def _idx(data_path=None, num_clients=10, seed=0, partition='dirichlet', alpha=0.5,

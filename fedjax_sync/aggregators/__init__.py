@@ -14,6 +14,9 @@ from fedjax_sync.aggregators.harmonize import harmonize
 from fedjax_sync.aggregators.kuramoto import kuramoto, kuramoto_code
 from fedjax_sync.aggregators.privacy import dp_epsilon, dp_fedavg, dp_noise_multiplier
 from fedjax_sync.aggregators.reduce import MetricsState, norm_bounded_mean
+from fedjax_sync.aggregators.registry import (aggregator_names, aggregator_signatures,
+                                              canonical_aggregator_expression, parse_aggregator,
+                                              register_aggregator)
 from fedjax_sync.aggregators.robust import (coordinate_median, geometric_median, krum, multi_krum,
                                             trimmed_mean)
 from fedjax_sync.aggregators.secure import secure_aggregation
@@ -31,4 +34,7 @@ __all__ = [
     'stochastic_quantize', 'top_k', 'zero_invalid_updates',
     # Privacy accounting (host-side).
     'dp_epsilon', 'dp_noise_multiplier',
+    # By name, and expressions such as 'chain(clip_by_norm(1.0), trimmed_mean(0.1))'.
+    'aggregator_names', 'aggregator_signatures', 'canonical_aggregator_expression',
+    'parse_aggregator', 'register_aggregator',
 ]

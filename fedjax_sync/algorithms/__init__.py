@@ -22,14 +22,19 @@ from fedjax_sync.algorithms.fed_sam import fed_sagm, fed_sam, sharpness
 from fedjax_sync.algorithms.fed_sgd import fed_sgd, full_batch_gradient_update
 from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm, round_metrics
 from fedjax_sync.algorithms.kuramoto import kuramoto_fedavg
-from fedjax_sync.algorithms.registry import (Hyperparameters, algorithm_descriptions,
-                                             algorithm_names, build_algorithm, register_algorithm)
+from fedjax_sync.algorithms.registry import (Hyperparameter, Hyperparameters,
+                                             algorithm_descriptions, algorithm_hyperparameters,
+                                             algorithm_names, build_algorithm,
+                                             hyperparameter_values, register_algorithm,
+                                             resolve_hyperparameters)
 from fedjax_sync.algorithms.scaffold import ScaffoldExtra, scaffold, scaffold_modified
 
 __all__ = [
     # The synchronous engine and the registry.
     'ClientOutput', 'Hyperparameters', 'algorithm_descriptions', 'algorithm_names',
     'build_algorithm', 'federated_algorithm', 'register_algorithm', 'round_metrics',
+    'Hyperparameter', 'algorithm_hyperparameters', 'hyperparameter_values',
+    'resolve_hyperparameters',
     # The FedAvg family.
     'fed_adagrad', 'fed_adam', 'fed_avg', 'fed_avg_m', 'fed_prox', 'fed_sgd', 'fed_yogi',
     'full_batch_gradient_update', 'local_training_update', 'server_adaptive',

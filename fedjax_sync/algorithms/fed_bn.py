@@ -30,7 +30,8 @@ from flax import traverse_util
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import Aggregator
 from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm
-from fedjax_sync.algorithms.registry import Hyperparameters, _server_lr, register_algorithm
+from fedjax_sync.algorithms.registry import (Hyperparameters, _server_lr, client_and_server,
+                                             register_algorithm)
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.clients.local import make_local_step, make_local_training
 from fedjax_sync.types import Algorithm, Params, PyTree
@@ -137,4 +138,5 @@ def _build(loss, h: Hyperparameters, **kw):
 
 
 register_algorithm('fedbn', _build,
-                   'FedBN: local batch normalization, Li et al. 2021 (arXiv 2102.07623)')
+                   'FedBN: local batch normalization, Li et al. 2021 (arXiv 2102.07623)',
+                   client_and_server(1.0))

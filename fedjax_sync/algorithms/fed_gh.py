@@ -16,7 +16,7 @@ import optax
 
 from fedjax_sync.aggregators.harmonize import harmonize
 from fedjax_sync.algorithms.fed_avg import fed_avg
-from fedjax_sync.algorithms.registry import Hyperparameters, register_algorithm
+from fedjax_sync.algorithms.registry import Hyperparameters, client_and_server, register_algorithm
 from fedjax_sync.types import Algorithm
 
 
@@ -47,4 +47,5 @@ def _build(loss, h: Hyperparameters, **kw):
 
 
 register_algorithm('fedgh', _build,
-                   'FedGH gradient harmonization, Zhang, Sun & Chen 2023 (arXiv 2309.06692)')
+                   'FedGH gradient harmonization, Zhang, Sun & Chen 2023 (arXiv 2309.06692)',
+                   client_and_server(1.0))

@@ -21,7 +21,8 @@ import optax
 
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.algorithms.fed_avg import fed_avg
-from fedjax_sync.algorithms.registry import Hyperparameters, register_algorithm
+from fedjax_sync.algorithms.registry import (SAGM_ALPHA, SAM_RHO, Hyperparameters,
+                                             client_and_server, register_algorithm)
 from fedjax_sync.clients.local import masked_mean
 from fedjax_sync.clients.sam import NORM_EPS, sagm, sam
 from fedjax_sync.types import Algorithm
@@ -100,9 +101,11 @@ def _server(h: Hyperparameters):
 register_algorithm(
     'fedsam', lambda loss, h, **kw: fed_sam(
         loss, h.client_optimizer(), rho=h.sam_rho, server_optimizer=_server(h), **kw),
-    'FedSAM: FedAvg with SAM local steps, Qu et al. 2022 (arXiv 2206.02618)')
+    'FedSAM: FedAvg with SAM local steps, Qu et al. 2022 (arXiv 2206.02618)',
+    (*client_and_server(1.0), SAM_RHO))
 register_algorithm(
     'fedsagm', lambda loss, h, **kw: fed_sagm(
         loss, h.client_optimizer(), rho=h.sam_rho, alpha=h.sagm_alpha,
         server_optimizer=_server(h), **kw),
-    'FedSAGM: FedAvg with SAGM local steps (Wang et al. CVPR 2023, arXiv 2303.10353)')
+    'FedSAGM: FedAvg with SAGM local steps (Wang et al. CVPR 2023, arXiv 2303.10353)',
+    (*client_and_server(1.0), SAM_RHO, SAGM_ALPHA))

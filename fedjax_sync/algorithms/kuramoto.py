@@ -19,7 +19,8 @@ import optax
 
 from fedjax_sync.aggregators.kuramoto import kuramoto, kuramoto_code
 from fedjax_sync.algorithms.fed_avg import fed_avg
-from fedjax_sync.algorithms.registry import Hyperparameters, register_algorithm
+from fedjax_sync.algorithms.registry import (KAPPA, KAPPA_DECAY, Hyperparameters, client_and_server,
+                                             register_algorithm)
 from fedjax_sync.types import Algorithm
 
 MODES = ('paper', 'code')
@@ -67,8 +68,10 @@ register_algorithm(
     'kuramoto_fedavg', lambda loss, h, **kw: kuramoto_fedavg(
         loss, h.client_optimizer(), kappa=h.kappa, decay=h.kappa_decay,
         server_optimizer=_server(h), **kw),
-    'Kuramoto-FedAvg phase-weighted aggregation (arXiv 2505.19605)')
+    'Kuramoto-FedAvg phase-weighted aggregation (arXiv 2505.19605)',
+    (*client_and_server(1.0), KAPPA, KAPPA_DECAY))
 register_algorithm(
     'kuramoto_fedavg_code', lambda loss, h, **kw: kuramoto_fedavg(
         loss, h.client_optimizer(), mode='code', server_optimizer=_server(h), **kw),
-    "Kuramoto-FedAvg, the authors' released-code rule (arXiv 2505.19605)")
+    "Kuramoto-FedAvg, the authors' released-code rule (arXiv 2505.19605)",
+    client_and_server(1.0))

@@ -31,7 +31,8 @@ import optax
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import Aggregator, compute_dtype, mean
 from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm
-from fedjax_sync.algorithms.registry import Hyperparameters, register_algorithm
+from fedjax_sync.algorithms.registry import (SCAFFOLD_OPTION, Hyperparameters, client_and_server,
+                                             register_algorithm)
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.clients.local import make_local_step, make_local_training, masked_mean
 from fedjax_sync.types import Algorithm, Params
@@ -185,6 +186,10 @@ def scaffold_modified(loss_fn: Callable, learning_rate: float, **kwargs) -> Algo
   return scaffold(loss_fn, learning_rate, reset_client_control=True, **kwargs)
 
 
+# Client SGD(η_l, momentum), the server step η_g and the control-variate option.
+_HYPERPARAMETERS = (*client_and_server(1.0), SCAFFOLD_OPTION)
+
+
 def _builder(reset: bool):
   def build(loss, h: Hyperparameters, **kw):
     return scaffold(loss, h.client_learning_rate, momentum=h.client_momentum,
@@ -195,6 +200,9 @@ def _builder(reset: bool):
 
 
 register_algorithm('scaffold', _builder(False),
-                   'SCAFFOLD (options I/II), Karimireddy et al. 2020 (arXiv 1910.06378)')
+                   'SCAFFOLD (options I/II), Karimireddy et al. 2020 (arXiv 1910.06378)',
+                   _HYPERPARAMETERS)
 register_algorithm('scaffold_modified', _builder(True),
-                   "Seed report's modified SCAFFOLD (c_i reset to c): identical to FedAvg")
+                   "Seed report's modified SCAFFOLD (c_i reset to c): identical to FedAvg; "
+                   'SCAFFOLD is Karimireddy et al. 2020 (arXiv 1910.06378)',
+                   _HYPERPARAMETERS)

@@ -202,3 +202,34 @@ def test_streamed_round_memory_does_not_grow_with_the_clients(strategy):
   assert streamed[1] - streamed[0] < 4 * update, streamed
   materialized = [temp_bytes(c, fs.chain(fs.weighted_mean(), optax.scale(1.0))) for c in (8, 64)]
   assert materialized[1] - materialized[0] > 50 * update, materialized
+
+
+@pytest.mark.parametrize('strategy', ['sequential', 'vmap'])
+def test_padded_local_steps_are_skipped_on_cpu_and_change_nothing(strategy):
+  # Clients of 2, 5 and 12 examples, batch 4, 3 steps: 1 + 2 + 3 real steps of 9.
+  calls = []
+
+  def counted_loss(params, batch, key):
+    jax.debug.callback(lambda: calls.append(1))
+    return MODEL.loss(params, batch, key)
+
+  batch = _batch([2, 5, 12])
+  results = {}
+  for skip in (True, False):
+    optimizer = optax.sgd(0.1)
+    step = fs.make_local_step(counted_loss, optimizer)
+    train = fs.make_local_training(step, skip_padded_steps=skip)
+    params = MODEL.init(jax.random.key(0))
+    run = lambda d, m: train(params, optimizer.init(params), d, m, jax.random.key(1))[::2]
+    if strategy == 'vmap':
+      run = jax.vmap(run)
+    else:
+      run = lambda d, m, one=run: jax.lax.map(lambda a: one(*a), (d, m))
+    calls.clear()
+    results[skip] = jax.block_until_ready(jax.jit(run)(batch.data, batch.mask))
+    results[skip, 'calls'] = len(calls)
+  jax.tree.map(np.testing.assert_array_equal, results[True], results[False])
+  if strategy == 'sequential':   # one client at a time branches around its padded steps
+    assert (results[False, 'calls'], results[True, 'calls']) == (9, 6)
+  else:   # one batched call per step; under vmap a cond is a select of both branches
+    assert (results[False, 'calls'], results[True, 'calls']) == (3, 3)

@@ -156,13 +156,23 @@ def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   return step
 
 
-def make_local_training(step: LocalStep, *, unroll: int | bool = 1) -> Callable:
+def make_local_training(step: LocalStep, *, unroll: int | bool = 1,
+                        skip_padded_steps: bool | None = None) -> Callable:
   """Builds the whole local run of one client from a local step.
 
   Args:
     step: from `make_local_step`.
     unroll: `lax.scan` unrolling of the steps (True unrolls fully; on CPU,
       unrolled convolutional steps ran several times faster than a rolled loop).
+    skip_padded_steps: branch around steps whose mask is all False (`lax.cond`)
+      instead of computing them and discarding the result. A round pads every
+      client to the largest client's step count, so with unequal clients most
+      steps can be padding (prepared Shakespeare: ~10 real steps of 156). The
+      branch saves work only where the client is not vmapped ('sequential',
+      'loop' execution; under `vmap` a cond becomes a select of both branches).
+      None (default): on the CPU backend only, where a branch is cheap; on GPU a
+      conditional inside the loop synchronizes with the host. The result is the
+      same either way: a padded step leaves params and optimizer state unchanged.
 
   Returns:
     `train(params, opt_state, data, mask, key, anchor=None, grad_offset=None)
@@ -172,11 +182,28 @@ def make_local_training(step: LocalStep, *, unroll: int | bool = 1) -> Callable:
 
   def train(params, opt_state, data, mask, key, anchor=None, grad_offset=None):
     num_steps = mask.shape[0]
+    skip = jax.default_backend() == 'cpu' if skip_padded_steps is None else skip_padded_steps
+
+    traced_metrics = []  # the step's metric types, recorded when `run_step` is traced
+
+    def run_step(p, o, batch, m, s):
+      out = step(p, o, batch, m, jax.random.fold_in(key, s), anchor, grad_offset)
+      traced_metrics.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), out[2]))
+      return out
+
+    def padded_step(p, o, batch, m, s):
+      # `lax.cond` traces the taken branch first; eval_shape only if it ever does not.
+      metrics = traced_metrics[-1] if traced_metrics else jax.eval_shape(run_step, p, o, batch,
+                                                                         m, s)[2]
+      return p, o, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), metrics)
 
     def body(carry, xs):
       p, o = carry
       batch, m, s = xs
-      p, o, metrics = step(p, o, batch, m, jax.random.fold_in(key, s), anchor, grad_offset)
+      if skip:
+        p, o, metrics = jax.lax.cond(jnp.any(m), run_step, padded_step, p, o, batch, m, s)
+      else:
+        p, o, metrics = run_step(p, o, batch, m, s)
       return (p, o), metrics
 
     (params, opt_state), metrics = jax.lax.scan(

@@ -73,6 +73,26 @@ def _positive_float(text: str) -> float:
   return value
 
 
+def _hparam_assignment(text: str) -> str:
+  """`KEY=VALUE` with the spaces around KEY and VALUE removed (typed later, per algorithm)."""
+  key, sep, value = text.partition('=')
+  key, value = key.strip(), value.strip()
+  if not sep or not key.isidentifier() or not value:
+    raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE; valid: e.g. '
+                                     'client_learning_rate=0.1 (keys: fedjax-sync list '
+                                     '--algorithm NAME)')
+  return f'{key}={value}'
+
+
+def _aggregator_expression(text: str) -> str:
+  """The expression checked by building it, in its canonical spelling (for --resume)."""
+  from fedjax_sync.aggregators.registry import canonical_aggregator_expression
+  try:
+    return canonical_aggregator_expression(text)
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(_one_line(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
   from fedjax_sync.algorithms.registry import algorithm_names
   from fedjax_sync.clients.execution import STRATEGIES
@@ -84,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='command', parser_class=_Parser)
 
   sub.add_parser('demo', help='FedAvg, FedProx, FedSGD and FedAdam on Synthetic(1, 1) (default)')
-  listing = sub.add_parser('list', help='datasets (and which are prepared), models, algorithms')
+  listing = sub.add_parser('list', help='datasets (and which are prepared), models, algorithms, '
+                                        'partitions, aggregators')
   listing.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
+  listing.add_argument('--algorithm', default=None, choices=algorithm_names(),
+                       help="this algorithm's hyperparameters (--hparam keys), defaults and paper")
 
   plot = sub.add_parser('plot', help='overlay runs: test accuracy and loss against rounds')
   plot.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
@@ -118,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--kappa', type=_positive_float, default=0.005, help='Kuramoto-FedAvg κ0')
   run.add_argument('--kappa-decay', type=_positive_float, default=1.0,
                    help='Kuramoto-FedAvg schedule κ_t = κ0 · decay^t')
+  run.add_argument('--hparam', action='append', default=None, type=_hparam_assignment,
+                   metavar='KEY=VALUE',
+                   help="set a hyperparameter of --algorithm (repeatable); keys, types and "
+                        "defaults: fedjax-sync list --algorithm NAME")
+  run.add_argument('--aggregator', default=None, type=_aggregator_expression, metavar='EXPR',
+                   help="the server's aggregator, e.g. 'chain(clip_by_norm(1.0), "
+                        "trimmed_mean(0.1))' (names: fedjax-sync list; default: the "
+                        "algorithm's own)")
   run.add_argument('--eval-every', type=_positive_int, default=10)
   run.add_argument('--seed', type=_seed, default=0, help=f'0 to {MAX_SEED}')
   run.add_argument('--execution', default='auto', choices=STRATEGIES,
@@ -366,6 +397,9 @@ def _identity_options(args) -> dict:
   for dest in _PARTITION_FLAGS:
     if options.get(dest) is None:
       options.pop(dest, None)
+  for dest in ('hparam', 'aggregator'):   # likewise: not given = the runs made before them
+    if options.get(dest) is None:
+      options.pop(dest, None)
   return options
 
 
@@ -418,6 +452,15 @@ def _check_saved_option(action: argparse.Action, value, config_file: str) -> Non
   if value is None:
     if action.default is not None:
       raise ValueError(bad)
+    return
+  if isinstance(action, argparse._AppendAction):  # noqa: SLF001 - a repeatable option (--hparam)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+      raise ValueError(bad + '; valid: a list of strings')
+    for item in value:
+      try:
+        action.type(item)
+      except (argparse.ArgumentTypeError, ValueError) as e:
+        raise ValueError(f'{bad} ({_one_line(e)})') from None
     return
   if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # noqa: SLF001
     if not isinstance(value, bool):
@@ -607,8 +650,58 @@ def _absolute_data_paths(args) -> None:
       setattr(args, dest, os.path.abspath(getattr(args, dest)))
 
 
+# The dedicated flags that set a hyperparameter: flag dest -> `Hyperparameters` field.
+_HYPERPARAMETER_FLAGS = {
+    'client_lr': 'client_learning_rate', 'client_momentum': 'client_momentum',
+    'server_lr': 'server_learning_rate', 'server_momentum': 'server_momentum', 'mu': 'mu',
+    'scaffold_option': 'scaffold_option', 'sam_rho': 'sam_rho', 'sagm_alpha': 'sagm_alpha',
+    'kappa': 'kappa', 'kappa_decay': 'kappa_decay'}
+
+
+def _hyperparameters(args, given: set[str]):
+  """The dedicated flags, then `--hparam KEY=VALUE`, typed and checked for --algorithm.
+
+  A key set by both `--hparam` and its dedicated flag written on the command line
+  (`--client-lr`, ...) must agree. Fields the algorithm leaves None take its default.
+  """
+  from fedjax_sync.algorithms.registry import Hyperparameters, resolve_hyperparameters
+
+  base = Hyperparameters(**{field: getattr(args, dest)
+                            for dest, field in _HYPERPARAMETER_FLAGS.items()})
+  overrides = {}
+  for item in getattr(args, 'hparam', None) or []:
+    key, _, text = item.partition('=')
+    if key in overrides and overrides[key] != text:
+      raise ValueError(f'--hparam {key} is given twice ({overrides[key]} and {text}); valid: '
+                       'each key once')
+    try:
+      resolve_hyperparameters(args.algorithm, base, {key: text})
+    except ValueError as e:
+      raise ValueError(f'--hparam {item}: {_one_line(e)}') from None
+    overrides[key] = text
+  hparams = resolve_hyperparameters(args.algorithm, base, overrides)
+  for dest, field in _HYPERPARAMETER_FLAGS.items():
+    if field in overrides and dest in given and getattr(hparams, field) != getattr(args, dest):
+      raise ValueError(f'--hparam {field}={overrides[field]} contradicts {_flag(dest)} '
+                       f'{getattr(args, dest)}; give one of them')
+  return hparams
+
+
+def _aggregator(args):
+  """The aggregator of `--aggregator EXPR` (None: the algorithm's own)."""
+  from fedjax_sync.aggregators.registry import parse_aggregator
+
+  if not getattr(args, 'aggregator', None):
+    return None
+  try:
+    return parse_aggregator(args.aggregator)
+  except ValueError as e:
+    raise ValueError(f'--aggregator: {_one_line(e)}') from None
+
+
 def _run(args, given: set[str] = frozenset()) -> int:
   import fedjax_sync as fs
+  from fedjax_sync.algorithms.registry import hyperparameter_values
   from fedjax_sync.data.federated import data_fingerprint
   from fedjax_sync.data.registry import default_model
   from fedjax_sync.simulate import checkpoint
@@ -617,6 +710,10 @@ def _run(args, given: set[str] = frozenset()) -> int:
     if args.resume is not None:
       raise ValueError('--config and --resume cannot be combined; valid: --resume RUN_DIR '
                        'alone (its config.json gives the options)')
+    for dest in ('hparam', 'aggregator'):
+      if getattr(args, dest, None):
+        raise ValueError(f'{_flag(dest)} does not apply to --config (a study builds its own '
+                         f'algorithms); valid: {_flag(dest)} without --config')
     given_data = [d for d in _PARTITION_FLAGS if getattr(args, d, None) is not None]
     if given_data:
       raise ValueError(f'{_flag(given_data[0])} does not apply to --config (a study partitions '
@@ -632,6 +729,8 @@ def _run(args, given: set[str] = frozenset()) -> int:
     _absolute_data_paths(args)
   if args.dataset is None:
     args.dataset = 'synthetic'
+  hparams = _hyperparameters(args, given)   # checked before any data is loaded
+  aggregator = _aggregator(args)
 
   partition = _partition_settings(args)
   data = _load_data(args, partition)
@@ -653,13 +752,15 @@ def _run(args, given: set[str] = frozenset()) -> int:
     raise _model_error(args, model_name, data, e) from None
   mesh = fs.client_mesh() if args.shard else None
   execution = fs.ClientExecution(args.execution, args.chunk_size, mesh).validate()
-  hparams = fs.Hyperparameters(
-      client_learning_rate=args.client_lr, client_momentum=args.client_momentum,
-      server_learning_rate=args.server_lr, server_momentum=args.server_momentum, mu=args.mu,
-      scaffold_option=args.scaffold_option, sam_rho=args.sam_rho, sagm_alpha=args.sagm_alpha,
-      kappa=args.kappa, kappa_decay=args.kappa_decay)
-  algorithm = fs.build_algorithm(args.algorithm, model.loss, hparams,
-                                 num_clients=data.num_clients, execution=execution)
+  engine = {'aggregator': aggregator} if aggregator is not None else {}
+  try:
+    algorithm = fs.build_algorithm(args.algorithm, model.loss, hparams,
+                                   num_clients=data.num_clients, execution=execution, **engine)
+  except ValueError as e:
+    if aggregator is None:
+      raise
+    raise ValueError(f'--aggregator {args.aggregator!r} with --algorithm {args.algorithm}: '
+                     f'{_one_line(e)}') from None
   config = fs.SimulationConfig(num_rounds=args.rounds, clients_per_round=args.clients_per_round,
                                local_work=work, eval_every=args.eval_every, seed=args.seed)
   simulator = fs.Simulator(algorithm, model, data, config, execution=execution)
@@ -676,7 +777,8 @@ def _run(args, given: set[str] = frozenset()) -> int:
                  'model': model_name, 'num_clients': data.num_clients,
                  'data_seed': args.data_seed, 'partition': _partition_record(partition),
                  'data_fingerprint': fingerprint,
-                 'hyperparameters': dataclasses.asdict(hparams),
+                 'hyperparameters': hyperparameter_values(args.algorithm, hparams),
+                 'aggregator': args.aggregator,
                  'simulation': {**dataclasses.asdict(config), 'local_work': work._asdict()},
                  'execution': {'strategy': args.execution, 'chunk_size': args.chunk_size,
                                'devices': execution.num_shards},
@@ -710,12 +812,16 @@ def _run(args, given: set[str] = frozenset()) -> int:
 
 
 def _list(args) -> int:
+  from fedjax_sync.aggregators.registry import aggregator_signatures
   from fedjax_sync.algorithms.registry import algorithm_descriptions
+  from fedjax_sync.data.npz import PARTITIONS
   from fedjax_sync.data.registry import dataset_descriptions
   from fedjax_sync.models import MODELS
 
   from fedjax_sync.data.tfds import TFDS_DATASETS, is_prepared, prepare_command
 
+  if args.algorithm is not None:
+    return _list_algorithm(args.algorithm)
   print('datasets:')
   for k, v in dataset_descriptions().items():
     if k in TFDS_DATASETS:
@@ -730,6 +836,34 @@ def _list(args) -> int:
   print('algorithms:')
   for k, v in algorithm_descriptions().items():
     print(f'  {k:24s} {v}')
+  print('partitions (--partition, for datasets without their own clients):')
+  for k in PARTITIONS:
+    print(f'  {k:24s} {_PARTITION_HELP.get(k, "")}'.rstrip())
+  print("aggregators (--aggregator EXPR, e.g. 'chain(clip_by_norm(1.0), trimmed_mean(0.1))'):")
+  for signature in aggregator_signatures().values():
+    print(f'  {signature}')
+  print('hyperparameters of an algorithm: fedjax-sync list --algorithm NAME')
+  return 0
+
+
+_PARTITION_HELP = {
+    'iid': 'examples shuffled and dealt into near-equal clients',
+    'dirichlet': "each client's label mix drawn from Dirichlet(α) (--alpha; small α: skewed)",
+    'shards': 'examples sorted by label, cut into shards; --shards-per-client per client',
+}
+
+
+def _list_algorithm(name: str) -> int:
+  """`list --algorithm NAME`: the paper, then each hyperparameter with its type and default."""
+  from fedjax_sync.algorithms.registry import algorithm_descriptions, algorithm_hyperparameters
+
+  flags = {field: _flag(dest) for dest, field in _HYPERPARAMETER_FLAGS.items()}
+  print(f'{name}: {algorithm_descriptions()[name]}')
+  print('hyperparameters (--hparam KEY=VALUE):')
+  for h in algorithm_hyperparameters(name):
+    default = "the algorithm's own" if h.default is None else h.default
+    flag = f' (also {flags[h.name]})' if h.name in flags else ''
+    print(f'  {h.name:22s} {h.expected():22s} default {default}  {h.help}{flag}')
   return 0
 
 
@@ -876,7 +1010,7 @@ def main(argv=None) -> int:
   command = args.command or 'demo'
   try:
     if command == 'run':
-      code = _run(args, _given_options(argv) if args.resume is not None else set())
+      code = _run(args, _given_options(argv))
     else:
       code = {'demo': _demo, 'list': _list, 'bench': _bench,
               'plot': _plot, 'inspect': _inspect, 'prepare': _prepare}[command](args)

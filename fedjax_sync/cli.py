@@ -863,7 +863,7 @@ def _list_algorithm(name: str) -> int:
   for h in algorithm_hyperparameters(name):
     default = "the algorithm's own" if h.default is None else h.default
     flag = f' (also {flags[h.name]})' if h.name in flags else ''
-    print(f'  {h.name:22s} {h.expected():22s} default {default}  {h.help}{flag}')
+    print(f'  {h.name:22s} {h.expected():22s} default {str(default):8s} {h.help}{flag}')
   return 0
 
 

@@ -207,6 +207,16 @@ def test_resume_rebuilds_the_aggregator_and_refuses_another(run, capsys):
   assert "--aggregator 'mean()' contradicts the run being resumed" in err
   err = _error(['run', '--resume', run_dir, '--hparam', 'client_learning_rate=0.3'], capsys)
   assert '--hparam' in err and 'contradicts' in err
+  # The options of the resumed run rebuild the same aggregator and hyperparameters.
+  argv = ['run', '--resume', run_dir, '--aggregator', 'chain(clip_by_norm(0.05),trimmed_mean(.1))']
+  resumed = cli._resumed_args(cli.build_parser().parse_args(argv), cli._given_options(argv))
+  assert cli._aggregator(resumed).name == 'chain(clip_by_norm(0.05), trimmed_mean(0.1))'
+  assert cli._hyperparameters(resumed, set()).client_learning_rate == 0.5
+
+
+@pytest.mark.slow
+def test_resume_extends_the_run_with_its_aggregator(run):
+  run_dir, _ = run
   # Another spelling of the same expression is the same aggregator: the run extends.
   assert cli.main(['run', '--resume', run_dir, '--rounds', '3',
                    '--aggregator', 'chain(clip_by_norm(0.05),trimmed_mean(0.10))']) == 0

@@ -169,6 +169,43 @@ def chain(*stages) -> Aggregator:
   return Aggregator(init, apply, kind, 'chain(' + ', '.join(names) + ')')
 
 
+def weighted_sum_via(aggregator: Aggregator, updates, weights, state, key=None, client_ids=None,
+                     *, normalizer=1.0):
+  """An algorithm's weighted sum `Σ_c w_c u_c / normalizer`, computed by `aggregator`.
+
+  The asynchronous and dynamic-averaging timelines step by an *unnormalized*
+  weighted sum of the updates (FedBuff: `Σ_i c_i s(τ_i) u_i` with staleness
+  discounts s ≤ 1). A reducer returns a normalized aggregate `A(u; w)` (for
+  `weighted_mean`, `Σ w u / Σ w`), so it is rescaled by the weights' mass
+  `m = Σ_c w_c / normalizer`: the result is `m · A(u; w)`, which for
+  `weighted_mean()` is exactly the algorithm's own sum. Reducers that weigh the
+  present clients uniformly (robust reducers, `dp_fedavg`) see the per-client
+  weights only as presence; the discount then enters through m alone.
+  When no weight is positive (or `normalizer` is 0) the result is 0, whatever the
+  aggregator returns, so non-finite updates of absent clients never leak.
+
+  Args:
+    aggregator: a reducer (`validate_aggregator`).
+    updates: leaves `[C, ...]`.
+    weights: `[C]` non-negative weights (0 marks an absent client).
+    state: the aggregator's state.
+    key, client_ids: as for `Aggregator.apply`.
+    normalizer: the denominator of the algorithm's coefficients (scalar).
+
+  Returns:
+    `(aggregate [...], new_state)`.
+  """
+  dtype = compute_dtype(updates)
+  w = jnp.asarray(weights).astype(dtype)
+  normalizer = jnp.asarray(normalizer).astype(dtype)
+  total = jnp.sum(w)
+  usable = (total > 0) & (normalizer > 0)
+  mass = jnp.where(usable, total / jnp.where(normalizer > 0, normalizer, 1.0), 0.0)
+  out, state = aggregator.apply(updates, w, state, key, client_ids)
+  out = jax.tree.map(lambda x: jnp.where(usable, mass * x, jnp.zeros_like(x)).astype(x.dtype), out)
+  return out, state
+
+
 def aggregator_metrics(state) -> dict[str, jax.Array]:
   """Collects the `metrics` dicts of every stage state, keyed `'<position>/<name>'`."""
   out: dict[str, jax.Array] = {}

@@ -13,6 +13,11 @@ The same harness runs the fixed-interval baselines: synchronize every τ steps
 (local SGD = FedAvg with τ local steps and full participation; FedAvgM and FedAdam
 apply their server optimizer at each synchronization).
 
+Every algorithm here accepts an `aggregator` (compression, clipping, DP, secure
+aggregation, robust reducers, chains): at a synchronization it reduces the
+workers' pseudo-gradients `w0 − w_k` with the worker weights (1/K, or ∝ ‖u_k‖²)
+as its weights; its state persists in `AveragingState.aggregator_state`.
+
 Everything is a pure function of pytrees: `step(state, batch, mask, key)` runs one
 local step of all K workers (vmapped / sharded via `map_clients`), the estimate and
 the conditional synchronization (`lax.cond`); `run_averaging` scans it over a block
@@ -38,7 +43,8 @@ import optax
 
 from fedjax_sync import communication
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import compute_dtype
+from fedjax_sync.aggregators.base import (Aggregator, aggregator_metrics, compute_dtype,
+                                          validate_aggregator, weighted_sum_via)
 from fedjax_sync.algorithms.fda_estimators import (VarianceEstimator, get_estimator,
                                                    true_variance)
 from fedjax_sync.clients.execution import ClientExecution, map_clients, shard_client_axis
@@ -64,6 +70,8 @@ class AveragingState(NamedTuple):
     threshold: Θ of the RTC in the params' float dtype (a value, not a constant of
       the program, so a grid of thresholds and seeds shares one compiled program);
       ∞ when periodic.
+    aggregator_state: the synchronization aggregator's state (`()` without one);
+      per-worker state (a top-k residual) is `[K, ...]`, indexed by worker.
   """
 
   params: Params
@@ -74,6 +82,7 @@ class AveragingState(NamedTuple):
   step: jax.Array
   num_syncs: jax.Array
   threshold: jax.Array
+  aggregator_state: PyTree = ()
 
 
 class AveragingAlgorithm(NamedTuple):
@@ -103,6 +112,7 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
                       server_optimizer: optax.GradientTransformation | None = None,
                       weighting: str = 'plain', reset_optimizer_on_sync: bool = False,
                       track_variance: bool = True, simulation_shortcut: bool = False,
+                      aggregator: Aggregator | None = None,
                       execution: ClientExecution = ClientExecution(),
                       name: str | None = None) -> AveragingAlgorithm:
   """Step-level model averaging of K workers with a dynamic or periodic trigger.
@@ -131,6 +141,14 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
     simulation_shortcut: compute Est with the estimator's `estimate_from_drifts`
       when it has one (the sketch: one sketch of ū instead of K); the decisions and
       the bytes counted are unchanged, only the simulation is cheaper.
+    aggregator: optional reducer of the workers' pseudo-gradients `u_k = w0 − w_k`
+      at each synchronization, with the worker weights ρ_k (1/K, or ∝ ‖u_k‖² with
+      'drift'; Σ ρ = 1) as its weights: the averaged pseudo-gradient becomes
+      `A(u; ρ)` (`weighted_mean()` gives `w0 − w̄`). Client ids are worker indices
+      0..K−1 (per-worker state such as a top-k residual is `[K, ...]`); the key
+      is `fold_in(step key, K)`. Its metrics are reported every step as
+      `aggregator/<stage>/<name>` (the values of the last synchronization). The
+      counted bytes stay those of full-precision models.
     execution: how the K workers' steps are mapped (vmap / chunked / sequential,
       sharded over a 'clients' mesh; K must divide by the device count).
     name: the algorithm's name.
@@ -157,6 +175,8 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
   elif not isinstance(period, int) or period < 1:
     raise ValueError(f'period must be a positive integer, got {period!r}')
   execution = execution.validate()
+  if aggregator is not None:
+    aggregator = validate_aggregator(aggregator)
   server_optimizer = server_optimizer or optax.sgd(1.0)
   local_step = make_local_step(loss_fn, optimizer)
   default_threshold = float(threshold) if dynamic else math.inf
@@ -178,13 +198,15 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
         server_opt_state=server_optimizer.init(params),
         estimator_state=estimator.init(params) if dynamic else (),
         step=jnp.zeros((), jnp.int32), num_syncs=jnp.zeros((), jnp.int32),
-        threshold=jnp.asarray(threshold, compute_dtype(params)))
+        threshold=jnp.asarray(threshold, compute_dtype(params)),
+        aggregator_state=(aggregator.init(params, num_workers) if aggregator is not None
+                          else ()))
 
   def cost(params):
     floats = estimator.num_floats(params) if dynamic else 0
     return communication.averaging_cost(params, num_workers, floats)
 
-  def synchronize(state: AveragingState, params, opt_state):
+  def synchronize(state: AveragingState, params, opt_state, key):
     if weighting == 'drift':
       drift_sq = tree_lib.client_sq_norms(
           jax.tree.map(lambda w, a: w - a[None], params, state.anchor))
@@ -193,8 +215,15 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
                           jnp.full_like(drift_sq, 1.0 / num_workers))
     else:
       weights = jnp.full((num_workers,), 1.0 / num_workers, compute_dtype(state.anchor))
-    average = tree_lib.client_weighted_sum(params, weights)
-    pseudo_gradient = tree_lib.tree_sub(state.anchor, average)
+    aggregator_state = state.aggregator_state
+    if aggregator is None:
+      average = tree_lib.client_weighted_sum(params, weights)
+      pseudo_gradient = tree_lib.tree_sub(state.anchor, average)
+    else:
+      worker_updates = jax.tree.map(lambda a, w: a[None] - w, state.anchor, params)
+      pseudo_gradient, aggregator_state = weighted_sum_via(
+          aggregator, worker_updates, weights, aggregator_state, key,
+          jnp.arange(num_workers, dtype=jnp.int32))
     updates, server_opt_state = server_optimizer.update(
         pseudo_gradient, state.server_opt_state, state.anchor)
     anchor = optax.apply_updates(state.anchor, updates)
@@ -203,7 +232,7 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
     new_params = shard_client_axis(stack(anchor), execution.mesh)
     if reset_optimizer_on_sync:
       opt_state = shard_client_axis(stack(optimizer.init(anchor)), execution.mesh)
-    return new_params, opt_state, anchor, server_opt_state, estimator_state
+    return new_params, opt_state, anchor, server_opt_state, estimator_state, aggregator_state
 
   def step(state: AveragingState, batch, mask, key):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_workers))
@@ -227,16 +256,21 @@ def dynamic_averaging(loss_fn: Callable, optimizer: optax.GradientTransformation
       do_sync = (state.step + 1) % period == 0
     if track_variance:
       metrics['variance'] = true_variance(drifts)
-    keep = (params, opt_state, state.anchor, state.server_opt_state, state.estimator_state)
-    params, opt_state, anchor, server_opt_state, estimator_state = jax.lax.cond(
-        do_sync, lambda: synchronize(state, params, opt_state), lambda: keep)
+    keep = (params, opt_state, state.anchor, state.server_opt_state, state.estimator_state,
+            state.aggregator_state)
+    params, opt_state, anchor, server_opt_state, estimator_state, aggregator_state = (
+        jax.lax.cond(do_sync, lambda: synchronize(state, params, opt_state,
+                                                  jax.random.fold_in(key, num_workers)),
+                     lambda: keep))
     examples = jnp.sum(step_metrics.num_examples)
     metrics['loss'] = jnp.sum(step_metrics.loss_sum) / jnp.maximum(examples, 1)
     metrics['synced'] = do_sync
+    metrics.update({f'aggregator/{k}': v for k, v in aggregator_metrics(aggregator_state).items()})
     new_state = AveragingState(
         params=params, opt_state=opt_state, anchor=anchor, server_opt_state=server_opt_state,
         estimator_state=estimator_state, step=state.step + 1,
-        num_syncs=state.num_syncs + do_sync.astype(jnp.int32), threshold=state.threshold)
+        num_syncs=state.num_syncs + do_sync.astype(jnp.int32), threshold=state.threshold,
+        aggregator_state=aggregator_state)
     return new_state, metrics
 
   return AveragingAlgorithm(init=init, step=step, cost=cost, num_workers=num_workers, name=name)
@@ -310,8 +344,10 @@ class AveragingResult(NamedTuple):
     state: the final `AveragingState`.
     history: one row per evaluation: step, syncs, bytes_up/bytes_down (exact
       cumulative), bytes, test_accuracy, test_loss, train_loss, and the block's
-      mean estimate, mean true variance and `overestimate` (mean Est/Var).
-    steps: per-step numpy arrays (`estimate`, `variance`, `synced`, `loss`).
+      mean estimate, mean true variance and `overestimate` (mean Est/Var); with an
+      aggregator, its `aggregator/...` metrics after the block's last step.
+    steps: per-step numpy arrays (`estimate`, `variance`, `synced`, `loss`,
+      `aggregator/...`).
     cost: the static `CommunicationCost`.
     compile_seconds, run_seconds: wall-clock split.
   """
@@ -452,6 +488,9 @@ def run_averaging(algorithm: AveragingAlgorithm, model, data: FederatedData, *, 
       row['variance_mean'] = float(np.mean(stacked['variance']))
       if 'estimate' in stacked:
         row['overestimate'] = overestimate_ratio(stacked['estimate'], stacked['variance'])
+    # The aggregator's report after the block's last step (its last synchronization).
+    row.update({name: float(v[-1]) for name, v in stacked.items()
+                if name.startswith('aggregator/') and np.ndim(v[-1]) == 0})
     history.append(row)
     if max_bytes is not None and up + down >= max_bytes:
       break

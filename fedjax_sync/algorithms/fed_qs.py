@@ -39,6 +39,10 @@ Readings chosen where the sources are not explicit (documented choices):
 
 Per-client state lives in `ServerState.client_states` as `[N]` arrays
 (`FedQSClientState`); the previous update is `[N, ...]` params-shaped.
+
+An optional `aggregator` (DP, clipping, compression, secure aggregation, robust
+reducers, chains) reduces the K pseudo-gradients Δ_i with FedQS's weights p_i as
+its weights; its state lives in `ServerState.aggregator_state`.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import compute_dtype
+from fedjax_sync.aggregators.base import (Aggregator, aggregator_metrics, compute_dtype,
+                                          validate_aggregator, weighted_sum_via)
 from fedjax_sync.algorithms.federated import ClientOutput
 from fedjax_sync.clients.local import make_local_step, make_local_training, masked_mean
 from fedjax_sync.simulate.semi_async import AsyncAlgorithm, AsyncRound
@@ -188,8 +193,8 @@ def feedback_weights(num_examples: jax.Array, feedback: jax.Array, counts: jax.A
 
 def fed_qs(loss_fn: Callable, *, aggregation: str = 'sgd', num_clients: int,
            hparams: FedQSHyperparameters = FedQSHyperparameters(),
-           server_learning_rate: float = 1.0, unroll: int | bool = 1,
-           name: str | None = None) -> AsyncAlgorithm:
+           server_learning_rate: float = 1.0, aggregator: Aggregator | None = None,
+           unroll: int | bool = 1, name: str | None = None) -> AsyncAlgorithm:
   """FedQS-SGD (`aggregation='sgd'`) or FedQS-Avg (`'avg'`), arXiv 2510.07664.
 
   Clients run heavy-ball local SGD with their own η_i and m_i (Mod②); the server
@@ -207,6 +212,12 @@ def fed_qs(loss_fn: Callable, *, aggregation: str = 'sgd', num_clients: int,
     num_clients: N, the size of the per-client state.
     hparams: FedQS's constants.
     server_learning_rate: η_g of FedQS-SGD (1.0 in the paper).
+    aggregator: optional reducer of the K pseudo-gradients u_i = w^{v_i} − w_i,
+      with FedQS's weights p_i (Mod③) as its weights (`weighted_sum_via`; Σ p = 1):
+      FedQS-SGD steps by `A(u; p)`, FedQS-Avg takes `Σ p_i w^{v_i} − A(u; p)`, so
+      `weighted_mean()` gives the rules above. Robust reducers and `dp_fedavg`
+      weigh present clients uniformly (p only marks who is present). FedQS's own
+      bookkeeping (previous updates, angles) keeps the clients' raw updates.
     unroll: unrolling of the local-step loop.
   """
   if aggregation not in AGGREGATIONS:
@@ -216,6 +227,8 @@ def fed_qs(loss_fn: Callable, *, aggregation: str = 'sgd', num_clients: int,
   if not 0 < hparams.min_learning_rate <= hparams.max_learning_rate:
     raise ValueError(f'need 0 < min_learning_rate ≤ max_learning_rate, got {hparams}')
   name = name or f'fedqs-{aggregation}'
+  if aggregator is not None:
+    aggregator = validate_aggregator(aggregator)
 
   def init(params):
     dtype = compute_dtype(params)  # float64 runs keep float64 rates, angles and counts
@@ -227,8 +240,9 @@ def fed_qs(loss_fn: Callable, *, aggregation: str = 'sgd', num_clients: int,
             lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), params),
         has_update=jnp.zeros((num_clients,), bool),
         probe_loss=jnp.full((num_clients,), jnp.inf, dtype))
-    return ServerState(params=params, opt_state=(), aggregator_state=(), client_states=clients,
-                       extra=(), round=jnp.zeros((), jnp.int32))
+    aggregator_state = aggregator.init(params, num_clients) if aggregator is not None else ()
+    return ServerState(params=params, opt_state=(), aggregator_state=aggregator_state,
+                       client_states=clients, extra=(), round=jnp.zeros((), jnp.int32))
 
   def client_inputs(state: ServerState, client_ids, start_versions, history):
     clients: FedQSClientState = state.client_states
@@ -277,12 +291,22 @@ def fed_qs(loss_fn: Callable, *, aggregation: str = 'sgd', num_clients: int,
     counts = clients.count[info.client_ids]
     weights = feedback_weights(info.weight, aux['feedback'], counts, jnp.sum(clients.count),
                                decision.angle, decision.angle_threshold[0], valid, hparams)
+    aggregator_state = state.aggregator_state
+    if aggregator is not None:
+      aggregate, aggregator_state = weighted_sum_via(
+          aggregator, outputs.update, weights, aggregator_state, info.key, info.client_ids)
     if aggregation == 'sgd':
-      aggregate = tree_lib.client_weighted_sum(outputs.update, weights)
+      if aggregator is None:
+        aggregate = tree_lib.client_weighted_sum(outputs.update, weights)
       params = jax.tree.map(lambda w, g: w - server_learning_rate * g, state.params, aggregate)
     else:
-      local = jax.tree.map(jnp.subtract, info.start_params, outputs.update)
-      averaged = tree_lib.client_weighted_sum(local, weights)
+      if aggregator is None:
+        local = jax.tree.map(jnp.subtract, info.start_params, outputs.update)
+        averaged = tree_lib.client_weighted_sum(local, weights)
+      else:
+        averaged = jax.tree.map(jnp.subtract,
+                                tree_lib.client_weighted_sum(info.start_params, weights),
+                                aggregate)
       params = jax.tree.map(lambda new, old: jnp.where(jnp.any(valid), new, old),
                             averaged, state.params)
     ids = info.client_ids
@@ -308,7 +332,9 @@ def fed_qs(loss_fn: Callable, *, aggregation: str = 'sgd', num_clients: int,
     }
     for index, type_name in enumerate(CLIENT_TYPES):
       metrics[f'num_{type_name}'] = jnp.sum(counted * (decision.client_type == index))
-    return state._replace(params=params, client_states=new_clients), metrics
+    metrics.update({f'aggregator/{k}': v for k, v in aggregator_metrics(aggregator_state).items()})
+    return state._replace(params=params, client_states=new_clients,
+                          aggregator_state=aggregator_state), metrics
 
   return AsyncAlgorithm(init=init, client_inputs=client_inputs, client_update=client_update,
                         server_update=server_update, name=name, num_clients=num_clients)

@@ -340,7 +340,8 @@ def test_clip_by_norm_gradient_is_one_sided_at_the_boundary():
     edge, h = 1.0 / norm, 1e-7 / norm
     left = (first_client(edge) - first_client(edge - h)) / h
     right = (first_client(edge + h) - first_client(edge)) / h
-  np.testing.assert_allclose(float(left), float(jnp.sum(updates['w'][0])), rtol=1e-5)
+    expected = float(jnp.sum(updates['w'][0]))
+  np.testing.assert_allclose(float(left), expected, rtol=1e-5)
   assert abs(float(right)) < 1e-6
 
 
@@ -369,27 +370,35 @@ def test_krum_gradient_is_the_selected_clients_indicator():
       np.testing.assert_allclose(fd, expected[c, j], atol=1e-8)
 
 
-def test_coordinate_median_passes_no_gradient():
-  """The coordinate median is computed on order-preserving integer keys of the
-  floats (exact order statistics), so autodiff sees no path from the updates to the
-  output: its gradient is 0, although the median moves one-for-one with the middle
-  client's entry (finite differences give 1 there). A hypergradient through a
-  median-aggregated round therefore misses the server side; see
-  docs/differentiable_rounds.md."""
+def test_order_statistic_reducers_pass_incomplete_gradients():
+  """The coordinate median and the trimmed mean find their order statistics on
+  order-preserving integer keys of the floats (exact in float32 and float64), so
+  autodiff sees no path from the updates through the selected values. The median's
+  gradient is 0, although it moves one-for-one with the middle client's entry
+  (finite differences give 1 there); the trimmed mean's reaches only the entries
+  strictly inside the cut, so even `trimmed_mean(0)` (the plain mean) gives 0 instead
+  of 1/K to each coordinate's smallest and largest entry. A hypergradient through a
+  round aggregated by either is therefore wrong; see docs/differentiable_rounds.md."""
   with jax.enable_x64(True):
     updates = _updates(seed=2)
-    median = fs.aggregators.coordinate_median()
-    state = median.init({'w': updates['w'][0]})
     weights = jnp.ones((5,))
-    first = lambda u: median.apply({'w': u}, weights, state, None, None)[0]['w'][0]  # noqa: E731
-    grad = np.asarray(jax.jit(jax.grad(first))(updates['w']))
-    first = jax.jit(first)
-    middle = int(np.argsort(np.asarray(updates['w'][:, 0]))[2])
-    bumped = np.asarray(updates['w']).copy()
-    bumped[middle, 0] += 1e-7
-    fd = (float(first(jnp.asarray(bumped))) - float(first(updates['w']))) / 1e-7
-  assert np.all(grad == 0.0)
-  np.testing.assert_allclose(fd, 1.0, rtol=1e-6)
+    order = np.argsort(np.asarray(updates['w'][:, 0]))
+    for aggregator, expected_grad, expected_fd in (
+        (fs.aggregators.coordinate_median(), np.zeros(5), np.eye(5)[order[2]]),
+        (fs.aggregators.trimmed_mean(0.0), np.where(np.isin(np.arange(5), order[1:4]), 0.2, 0.0),
+         np.full(5, 0.2))):
+      state = aggregator.init({'w': updates['w'][0]})
+      first = lambda u: aggregator.apply({'w': u}, weights, state, None, None)[0]['w'][0]  # noqa: B023,E731
+      grad = np.asarray(jax.jit(jax.grad(first))(updates['w']))
+      first = jax.jit(first)
+      fd = np.zeros(5)
+      for c in range(5):
+        bumped = np.asarray(updates['w']).copy()
+        bumped[c, 0] += 1e-7
+        fd[c] = (float(first(jnp.asarray(bumped))) - float(first(updates['w']))) / 1e-7
+      np.testing.assert_allclose(grad[:, 0], expected_grad, atol=1e-12)
+      assert np.all(grad[:, 1:] == 0.0)
+      np.testing.assert_allclose(fd, expected_fd, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------

@@ -35,10 +35,16 @@ def _num_clients(updates) -> int:
 
 
 def _per_client_uniform(keys, updates):
-  """Uniform [0, 1) noise shaped like `updates`, drawn per client and per leaf."""
+  """Uniform [0, 1) noise shaped like `updates`, drawn per client and per leaf.
+
+  Drawn flat and reshaped: the same values as drawing in the leaf's shape, but a
+  multi-dimensional draw compiles ~6x slower on XLA:CPU (measured 2.8 s against 0.5 s
+  of compile CPU for a (60, 10) leaf, 2026-11-30, 2-core AMD EPYC CPU shared with
+  parallel work).
+  """
   leaves, treedef = jax.tree.flatten(updates)
-  out = [jax.vmap(lambda k, x, i=i: jax.random.uniform(jax.random.fold_in(k, i), x.shape,
-                                                       jnp.float32))(keys, leaf)
+  out = [jax.vmap(lambda k, x, i=i: jax.random.uniform(jax.random.fold_in(k, i), (x.size,),
+                                                       jnp.float32).reshape(x.shape))(keys, leaf)
          for i, leaf in enumerate(leaves)]
   return jax.tree.unflatten(treedef, out)
 

@@ -68,8 +68,10 @@ def dp_fedavg(clip_norm: float, noise_multiplier: float, expected_total_weight: 
       if key is None:
         raise ValueError('dp_fedavg with noise_multiplier > 0 needs a key')
       leaves, treedef = jax.tree.flatten(total)
-      noisy = [x + (sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape,
-                                              compute_dtype(x))).astype(x.dtype)
+      # Drawn flat (the same values as in the leaf's shape; compiles several times faster
+      # on XLA:CPU, see compress._per_client_uniform).
+      noisy = [x + (sigma * jax.random.normal(jax.random.fold_in(key, i), (x.size,),
+                                              compute_dtype(x)).reshape(x.shape)).astype(x.dtype)
                for i, x in enumerate(leaves)]
       total = jax.tree.unflatten(treedef, noisy)
     out = tree_lib.tree_scale(total, 1.0 / expected_total_weight)

@@ -416,7 +416,7 @@ def test_hypergradient_example_quick_lowers_the_validation_loss(tmp_path):
   headline = study.run(str(tmp_path), quick=True, progress=False)
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['outer_step'] for r in rows] == list(range(study._settings(True)['outer_steps'] + 1))
-  assert headline['validation_loss_after'] < headline['validation_loss_before'] - 0.05
+  assert headline['validation_loss_after'] < headline['validation_loss_before'] - 0.5
   assert headline['tuned_learning_rate'] > headline['initial_learning_rate']
   assert rows[0]['hypergradient'] < 0    # a small η: the loss falls as η grows
   assert 'lr after' in (tmp_path / 'summary.md').read_text()

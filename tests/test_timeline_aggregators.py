@@ -169,18 +169,16 @@ def test_fed_async_with_an_aggregator():
                                         aggregator=agg.weighted_mean()), params, outputs, info)
   chex.assert_trees_all_close(via.params, plain.params, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(metrics['mixing_rate'], plain_metrics['mixing_rate'])
-  # The paper's K = 1, w ← (1 − r) w + r (w^v − A(u)), r = α (1 + τ)^(-1/2): a robust
-  # reducer over one update is that update; clipping still acts on it.
+  # The paper's K = 1, w ← (1 − r) w + r (w^v − A(u)), r = α (1 + τ)^(-1/2): clipping
+  # acts on the one update (a robust reducer over one update would be the identity).
   one_out, one_info = _buffer(rng, [3], [2.0])
   u = _stacked_flat(one_out.update)[0]
   start = _stacked_flat(one_info.start_params)[0]
   rate = 0.6 * (1.0 + 3) ** -0.5
-  for aggregator, sent in ((agg.trimmed_mean(0.4), u),
-                           (agg.norm_bounded_mean(0.1), u * 0.1 / np.linalg.norm(u))):
-    new, _ = _server_step(fed_async(softmax_loss, optax.sgd(0.1), mixing=0.6,
-                                    aggregator=aggregator), params, one_out, one_info)
-    expected = (1 - rate) * _single_flat(params) + rate * (start - sent)
-    np.testing.assert_allclose(_single_flat(new.params), expected, rtol=1e-5, atol=1e-6)
+  new, _ = _server_step(fed_async(softmax_loss, optax.sgd(0.1), mixing=0.6,
+                                  aggregator=agg.norm_bounded_mean(0.1)), params, one_out, one_info)
+  expected = (1 - rate) * _single_flat(params) + rate * (start - u * 0.1 / np.linalg.norm(u))
+  np.testing.assert_allclose(_single_flat(new.params), expected, rtol=1e-5, atol=1e-6)
 
 
 def _fed_qs_round(rng, weight):
@@ -238,8 +236,8 @@ def test_float64_stays_float64_with_an_aggregator():
         agg.clip_by_norm(1e6), agg.weighted_mean())), params, outputs, info)
     assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(via.params))
   # A float32 scalar on the way (a weight, the mass, a staleness factor) would be ~1e-8 off.
-  np.testing.assert_allclose(_single_flat(via.params), _fed_buff_oracle(params, outputs, False, 1.0),
-                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(_single_flat(via.params),
+                             _fed_buff_oracle(params, outputs, False, 1.0), rtol=1e-12, atol=1e-12)
 
 
 def test_an_aggregator_that_does_not_reduce_is_rejected():
@@ -334,7 +332,7 @@ def test_fda_synchronization_through_compression_matches_numpy():
   np.testing.assert_allclose(_single_flat(state.anchor), w0 - rho @ u, rtol=1e-5, atol=1e-6)
 
 
-def test_fda_run_with_quantization_reports_and_does_not_retrace():
+def test_fda_run_with_compression_reports_and_does_not_retrace():
   data = synthetic(num_clients=K, seed=0)
   model = logistic_regression((60,), 10)
   traces = []
@@ -343,9 +341,9 @@ def test_fda_run_with_quantization_reports_and_does_not_retrace():
     traces.append(1)
     return model.loss(p, batch, key)
 
-  aggregator = agg.chain(agg.stochastic_quantize(4), agg.weighted_mean())
+  aggregator = agg.chain(agg.top_k(fraction=0.05), agg.weighted_mean())
   algorithm = fda_algorithms.fda(counting_loss, optax.sgd(0.3), num_workers=K, threshold=0.0,
-                                 estimator='naive', aggregator=aggregator)
+                                 estimator='naive', aggregator=aggregator, track_variance=False)
   evaluate = lambda p: {'test_accuracy': jnp.zeros(())}  # noqa: E731
   runs = [fda_algorithms.run_averaging(algorithm, model, data, num_steps=4, batch_size=8,
                                        eval_every=2, seed=seed, evaluate=evaluate)
@@ -356,5 +354,6 @@ def test_fda_run_with_quantization_reports_and_does_not_retrace():
   assert result.steps['aggregator/0/bits_per_client'].shape == (4,)
   assert all(row['aggregator/0/compression_ratio'] > 1 for row in result.history)
   assert np.all(np.isfinite(_single_flat(result.state.anchor)))
-  # Different seeds draw different quantizations (and batches).
+  assert all(row['aggregator/0/residual_norm'] > 0 for row in result.history)
+  # Another seed draws other batches.
   assert not np.allclose(_single_flat(runs[1].state.anchor), _single_flat(result.state.anchor))

@@ -11,8 +11,9 @@ and compares `jax.grad` with central finite differences to 1e-6 relative.
 Where the function is only piecewise smooth, the tests say so: FDA's `lax.cond`
 synchronization (the gradient holds between threshold crossings and is undefined at
 one), the clock's event ordering and the sampler (zero gradient), clipping at the
-boundary (one-sided derivatives differ), Krum's selection (a selector, piecewise) and
-the coordinate median (no gradient at all: it is computed on integer keys).
+boundary (one-sided derivatives differ), Krum's selection (a selector, piecewise), and
+the coordinate median and trimmed mean (wrong gradients: their order statistics are
+computed on integer keys).
 docs/differentiable_rounds.md cites each test.
 """
 

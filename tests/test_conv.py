@@ -230,3 +230,28 @@ def test_no_non_canonical_convolution_in_the_local_training_loop(module, shape):
   step_jaxpr = str(jax.make_jaxpr(lambda p: marked(p, optimizer.init(p), jax.tree.map(
       lambda v: v[0], data), mask[0], jax.random.key(2))[0])(params))
   assert 'custom_vjp' not in step_jaxpr and 'conv_general_dilated' in step_jaxpr
+
+
+@pytest.mark.parametrize('shape,window', [((3, 7, 6, 4), (1, 2, 2, 1)),     # NHWC, odd rows cut
+                                          ((3, 4, 9, 8), (1, 1, 3, 2)),     # NCHW
+                                          ((2, 9, 5), (1, 3, 1)),           # 1-D
+                                          ((2, 4, 4, 4, 2), (1, 2, 2, 2, 1))],  # 3-D
+                         ids=['nhwc', 'nchw', '1d', '3d'])
+def test_tiled_max_pool_equals_reduce_window_with_ties(shape, window):
+  from fedjax_sync.models.pool import tiled_max_pool
+  x = jax.random.normal(jax.random.key(0), shape)
+  x = jnp.round(jax.nn.relu(x) * 2) / 2     # many ties: zeros and repeated halves
+  pool = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, window, window, 'VALID')
+  g = jax.random.normal(jax.random.key(1), pool(x).shape)
+  np.testing.assert_array_equal(tiled_max_pool(x, window), pool(x))
+  np.testing.assert_array_equal(jax.vjp(lambda v: tiled_max_pool(v, window), x)[1](g)[0],
+                                jax.vjp(pool, x)[1](g)[0])
+  # The rewrite uses it for tiling pools only; an overlapping pool stays as written.
+  overlapping = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, window,
+                                                (1,) * len(window), 'VALID')
+  for f in (pool, overlapping):
+    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(f(v) * f(v)))(x),
+                                  jax.grad(loop_friendly_convolutions(
+                                      lambda v: jnp.sum(f(v) * f(v))))(x))
+  assert 'custom_vjp' in str(jax.make_jaxpr(loop_friendly_convolutions(pool))(x))
+  assert 'custom_vjp' not in str(jax.make_jaxpr(loop_friendly_convolutions(overlapping))(x))

@@ -34,8 +34,11 @@ import numpy as np
 from jax.extend import core
 
 from fedjax_sync.models.conv import apply_loop_friendly_conv
+from fedjax_sync.models.pool import tiled_max_pool, tiles_input
 
 _CONV = core.primitives.conv_general_dilated_p
+_MAX_POOL = jax.lax.reduce_window_max_p
+_REWRITTEN = (_CONV, _MAX_POOL)
 # Regions evaluated inline when they hold a convolution: calls whose semantics are
 # their body's (jit, checkpoint). Custom-derivative calls are never entered.
 _INLINE = frozenset({'jit', 'pjit', 'closed_call', 'core_call', 'remat2', 'checkpoint'})
@@ -54,7 +57,7 @@ def _sub_jaxprs(params):
 @functools.lru_cache(maxsize=256)
 def _has_conv(jaxpr: core.Jaxpr) -> bool:
   for eqn in jaxpr.eqns:
-    if eqn.primitive is _CONV:
+    if eqn.primitive in _REWRITTEN:
       return True
     if eqn.primitive.name not in _OPAQUE and any(_has_conv(j) for j in _sub_jaxprs(eqn.params)):
       return True
@@ -90,6 +93,8 @@ def _eval(jaxpr: core.Jaxpr, consts, args) -> list:
     with eqn.ctx.manager:
       if eqn.primitive is _CONV and eqn.params.get('out_sharding') is None:
         outvals = apply_loop_friendly_conv(*invals, **eqn.params)
+      elif eqn.primitive is _MAX_POOL and tiles_input(*invals, **eqn.params):
+        outvals = tiled_max_pool(invals[0], eqn.params['window_dimensions'])
       elif subs and name in _INLINE:
         body = eqn.params['jaxpr']
         closed = body if isinstance(body, core.ClosedJaxpr) else core.ClosedJaxpr(body, ())

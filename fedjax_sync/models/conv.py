@@ -83,6 +83,46 @@ def canonical_layout_conv(lhs, rhs, *, dimension_numbers: lax.ConvDimensionNumbe
   return _transpose(out, np.argsort(out_perm))
 
 
+def _kernel_grad_by_matmuls_applies(params) -> bool:
+  return (params.get('feature_group_count', 1) == 1 and params.get('batch_group_count', 1) == 1
+          and all(d == 1 for d in params['lhs_dilation'])
+          and all(lo >= 0 and hi >= 0 for lo, hi in params['padding']))
+
+
+def _kernel_grad_by_matmuls(lhs, dy, rhs_shape, rhs_dtype, params):
+  """The kernel gradient as one matmul per kernel offset, in canonical layout.
+
+  `dW[k, i, o] = Σ_{n, p} x_pad[n, p·stride + k·dilation, i] · dy[n, p, o]`: for
+  each kernel offset `k`, a strided slice of the padded input times the output
+  gradient, contracted over examples and output positions. The same sum as
+  autodiff's kernel-gradient convolution (whose output is the kernel's few
+  positions and whose "kernel" is the whole output gradient), which XLA:CPU runs
+  at a fraction of its speed even in canonical layout (stock EMNIST CNN, batch
+  20, inside a loop: measured about 2× slower than these matmuls).
+  """
+  lhs_perm, rhs_perm, out_perm = _canonical_perms(params['dimension_numbers'])
+  x = _transpose(lhs, lhs_perm)                  # [N, *spatial, I]
+  g = _transpose(dy, out_perm)                   # [N, *out, O]
+  num_spatial = x.ndim - 2
+  zero = jnp.zeros((), x.dtype)
+  x = lax.pad(x, zero, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in params['padding']] + [(0, 0, 0)])
+  kernel = [rhs_shape[d] for d in params['dimension_numbers'].rhs_spec[2:]]
+  out = g.shape[1:-1]
+  strides, dilation = params['window_strides'], params['rhs_dilation']
+  contract = tuple(range(num_spatial + 1))
+  dot = functools.partial(lax.dot_general, precision=params.get('precision'),
+                          preferred_element_type=params.get('preferred_element_type'))
+  grads = []
+  for offset in np.ndindex(*kernel):
+    start = [0] + [k * r for k, r in zip(offset, dilation)] + [0]
+    limit = ([x.shape[0]] + [b + (o - 1) * s + 1 for b, o, s in zip(start[1:], out, strides)]
+             + [x.shape[-1]])
+    window = lax.slice(x, start, limit, [1] + list(strides) + [1])   # [N, *out, I]
+    grads.append(dot(window, g, ((contract, contract), ((), ()))))   # [I, O]
+  grad = jnp.stack(grads).reshape(tuple(kernel) + grads[0].shape)   # [*kernel, I, O]
+  return _transpose(grad, np.argsort(rhs_perm)).astype(rhs_dtype)
+
+
 def _hashable(value):
   if isinstance(value, (list, tuple)):
     return tuple(_hashable(v) for v in value)
@@ -108,9 +148,14 @@ def _custom_vjp_conv(static: tuple):
     plain = functools.partial(lax.conv_general_dilated, **params)
     # jax's transpose rules (the gradient convolutions, with their reversals,
     # paddings and group reshapes), each convolution in them made canonical.
-    transposes = (lambda d: jax.linear_transpose(lambda x: plain(x, rhs), lhs)(d)[0],
-                  lambda d: jax.linear_transpose(lambda w: plain(lhs, w), rhs)(d)[0])
-    return tuple(loop_friendly_convolutions(t)(dy) for t in transposes)
+    lhs_grad = loop_friendly_convolutions(
+        lambda d: jax.linear_transpose(lambda x: plain(x, rhs), lhs)(d)[0])(dy)
+    if _kernel_grad_by_matmuls_applies(params):
+      rhs_grad = _kernel_grad_by_matmuls(lhs, dy, rhs.shape, rhs.dtype, params)
+    else:
+      rhs_grad = loop_friendly_convolutions(
+          lambda d: jax.linear_transpose(lambda w: plain(lhs, w), rhs)(d)[0])(dy)
+    return lhs_grad, rhs_grad
 
   conv.defvjp(fwd, bwd)
   return conv

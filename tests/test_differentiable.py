@@ -65,8 +65,9 @@ def _check_gradient(fn, x, *, has_aux=False, nonzero=None, compiled=None):
   """`jax.grad(fn)(x)` against central differences `(f(x + h e_i) − f(x − h e_i)) / 2h`.
 
   One compiled `value_and_grad` serves the gradient and every finite-difference
-  evaluation (pass `compiled`, a jitted `value_and_grad(fn)`, to reuse one). `nonzero` lists the entries whose gradient must be clearly nonzero (so
-  the comparison could fail); the others must be exactly 0. Returns the gradient and
+  evaluation (pass `compiled`, a jitted `value_and_grad(fn)`, to reuse one). `nonzero`
+  lists the entries whose gradient must be clearly nonzero (so the comparison could
+  fail); the others must be exactly 0. Returns the gradient and
   the aux values at x, x + h e_i, x − h e_i (when `has_aux`).
   """
   x = np.asarray(x, np.float64)
@@ -117,13 +118,14 @@ SYNC_BUILDERS = {
                                             server_learning_rate=slr),
 }
 SYNC_POINTS = {'fedadam': (0.2, 0.05)}        # (client lr, server lr); default (0.2, 0.8)
-# Each compiled gradient costs ~5 s of XLA:CPU compilation: the suite runs two, the
-# others are marked slow.
+# Each compiled gradient program costs 5-8 s of XLA:CPU compilation on a 2-core machine:
+# the quick suite (-m 'not slow') keeps one synchronous, the FDA, the aggregator and the
+# example tests; the others are marked slow.
 SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize('name', ['fedprox_fedavgm', pytest.param('fedadam', marks=SLOW),
-                                  'scaffold'])
+                                  pytest.param('scaffold', marks=SLOW)])
 def test_sync_rounds_gradient_matches_finite_differences(name):
   """d loss(w_R) / d(client lr, server lr) after R = 3 rounds of fixed clients."""
   with jax.enable_x64(True):
@@ -191,7 +193,8 @@ def test_gradient_through_the_simulator_sampler_and_a_deadline():
 ASYNC_TIMES = (1.0, 1.7, 2.6, 4.1)   # distinct speeds: updates arrive stale
 
 
-@pytest.mark.parametrize('name', ['fedbuff', pytest.param('fedasync', marks=SLOW)])
+@SLOW
+@pytest.mark.parametrize('name', ['fedbuff', 'fedasync'])
 def test_async_aggregations_gradient_matches_finite_differences(name):
   """d loss / d(client lr[, server lr]) after 5 aggregations of `make_async_engine`.
 
@@ -389,7 +392,9 @@ def test_order_statistic_reducers_pass_incomplete_gradients():
         (fs.aggregators.trimmed_mean(0.0), np.where(np.isin(np.arange(5), order[1:4]), 0.2, 0.0),
          np.full(5, 0.2))):
       state = aggregator.init({'w': updates['w'][0]})
-      first = lambda u: aggregator.apply({'w': u}, weights, state, None, None)[0]['w'][0]  # noqa: B023,E731
+      def first(u, aggregator=aggregator, state=state):
+        return aggregator.apply({'w': u}, weights, state, None, None)[0]['w'][0]
+
       grad = np.asarray(jax.jit(jax.grad(first))(updates['w']))
       first = jax.jit(first)
       fd = np.zeros(5)

@@ -28,9 +28,9 @@ import optax
 import fedjax_sync as fs
 from fedjax_sync import reporting
 from fedjax_sync.algorithms import fda, local_sgd
-from fedjax_sync.algorithms.fda import make_block
 from fedjax_sync.data.batching import to_device
 from fedjax_sync.data.federated import from_client_indices
+from fedjax_sync.simulate.averaging import make_block
 
 VARIANTS = ('none', 'naive', 'naive_per_layer', 'linear', 'sketch')
 TARGETS = {'naive': 0.05, 'naive_per_layer': 0.05, 'linear': 0.05, 'sketch': 0.20,

@@ -4,7 +4,7 @@ Federated Dynamic Averaging (arXiv 2405.20988) with the naive, linear and sketch
 estimators over a grid of thresholds Θ, against FedAvg (local SGD) synchronizing
 every τ steps, FedAdam and FedAvgM (server optimizer at each synchronization), for
 K ∈ {5, 10, 30} workers, all in the same step-level harness
-(`fedjax_sync.algorithms.run_averaging`) with exact byte counts.
+(`fedjax_sync.simulate.run_averaging`) with exact byte counts.
 
 Data: the embedded default, FedProx's Synthetic(1, 1) pooled and re-split over K
 workers with a Dirichlet(α = 0.5) label partition ('synthetic_pooled'); model:
@@ -37,9 +37,9 @@ import optax
 
 import fedjax_sync as fs
 from fedjax_sync import reporting
-from fedjax_sync.algorithms import (fda, local_sgd, periodic_fed_adam, periodic_fed_avg_m,
-                                    run_averaging)
+from fedjax_sync.algorithms import fda, local_sgd, periodic_fed_adam, periodic_fed_avg_m
 from fedjax_sync.data.registry import load_dataset
+from fedjax_sync.simulate.averaging import run_averaging
 
 PAPER_CLAIM = 'up to 100× less communication than FedAvg/FedAdam/FedAvgM at equal accuracy'
 

@@ -14,6 +14,7 @@ import fedjax_sync as fs
 from fedjax_sync.algorithms import fda_estimators as est
 from fedjax_sync.data.batching import to_device
 from fedjax_sync.data.registry import load_dataset
+from fedjax_sync.simulate import averaging
 
 # The package exports the function `fda`, which shadows the module attribute.
 fda_lib = importlib.import_module('fedjax_sync.algorithms.fda')
@@ -158,7 +159,7 @@ def test_sketch_is_linear_and_matches_numpy():
 def _run_steps(algorithm, data, params, num_steps, *, seed=0, mesh=None):
   from jax.sharding import NamedSharding, PartitionSpec as P
   device_data = to_device(data, NamedSharding(mesh, P()) if mesh is not None else None)
-  block = fda_lib.make_block(algorithm, BATCH)
+  block = averaging.make_block(algorithm, BATCH)
   return block(algorithm.init(params), jnp.zeros((), jnp.int32), jax.random.key(seed),
                device_data, jnp.arange(K, dtype=jnp.int32), num_steps)
 
@@ -178,7 +179,7 @@ def test_theta_zero_equals_fedavg_one_step_rounds(setup):
   ids = jnp.arange(K, dtype=jnp.int32)
   for t in range(steps):
     batch_key, train_key = jax.random.split(jax.random.fold_in(jax.random.key(0), t))
-    batch, mask = fda_lib.sample_worker_batches(batch_key, device_data, ids, BATCH)
+    batch, mask = averaging.sample_worker_batches(batch_key, device_data, ids, BATCH)
     client_batch = fs.ClientBatch(data=jax.tree.map(lambda x: x[:, None], batch),
                                   mask=mask[:, None], client_ids=ids,
                                   weight=jnp.ones((K,), jnp.float32))
@@ -204,7 +205,7 @@ def test_theta_infinite_never_syncs_then_drift_weighted_period(setup):
   p, o = params, optimizer.init(params)
   for t in range(3):
     batch_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(0), t))
-    batch, mask = fda_lib.sample_worker_batches(batch_key, device_data,
+    batch, mask = averaging.sample_worker_batches(batch_key, device_data,
                                                 jnp.arange(K, dtype=jnp.int32), BATCH)
     p, o, _ = step(p, o, jax.tree.map(lambda x: x[2], batch), mask[2], jax.random.key(0))
   chex.assert_trees_all_close(jax.tree.map(lambda x: x[2], pre.params), p, atol=1e-5)
@@ -256,11 +257,11 @@ def test_run_averaging_bytes_and_no_retrace(setup):
 
   algorithm = fda_lib.fda(counting_loss, optax.sgd(0.3), num_workers=K, threshold=0.05,
                           estimator='linear')
-  result = fda_lib.run_averaging(algorithm, model, data, num_steps=12, batch_size=BATCH,
+  result = averaging.run_averaging(algorithm, model, data, num_steps=12, batch_size=BATCH,
                                  eval_every=4, params=params,
                                  evaluate=lambda p: {'test_accuracy': jnp.zeros(())})
   # Another Θ and seed reuse the compiled block.
-  other = fda_lib.run_averaging(algorithm, model, data, num_steps=8, batch_size=BATCH,
+  other = averaging.run_averaging(algorithm, model, data, num_steps=8, batch_size=BATCH,
                                 eval_every=4, params=params, threshold=1e9, seed=3,
                                 evaluate=lambda p: {'test_accuracy': jnp.zeros(())})
   assert len(traces) == 1   # one compilation served all five blocks
@@ -273,7 +274,7 @@ def test_run_averaging_bytes_and_no_retrace(setup):
   assert last['bytes_down'] == syncs * K * model_bytes
   assert [row['step'] for row in result.history] == [4, 8, 12]
   # A byte budget stops the run at the first evaluation point that reaches it.
-  budget = fda_lib.run_averaging(algorithm, model, data, num_steps=12, batch_size=BATCH,
+  budget = averaging.run_averaging(algorithm, model, data, num_steps=12, batch_size=BATCH,
                                  eval_every=4, params=params, threshold=0.0,
                                  max_bytes=3 * K * model_bytes,
                                  evaluate=lambda p: {'test_accuracy': jnp.zeros(())})

@@ -23,6 +23,7 @@ from fedjax_sync.algorithms.fed_qs import (SUC, Classification, fed_qs_avg, fed_
 from fedjax_sync.algorithms.federated import ClientOutput
 from fedjax_sync.data import LocalWork, synthetic
 from fedjax_sync.models.models import logistic_regression
+from fedjax_sync.simulate.averaging import run_averaging
 from fedjax_sync.simulate.clock import make_clock
 from fedjax_sync.simulate.semi_async import AsyncConfig, AsyncRound, SemiAsyncSimulator
 from tests.helpers import numpy_softmax_grad, softmax_loss
@@ -345,8 +346,8 @@ def test_fda_run_with_compression_reports_and_does_not_retrace():
   algorithm = fda_algorithms.fda(counting_loss, optax.sgd(0.3), num_workers=K, threshold=0.0,
                                  estimator='naive', aggregator=aggregator, track_variance=False)
   evaluate = lambda p: {'test_accuracy': jnp.zeros(())}  # noqa: E731
-  runs = [fda_algorithms.run_averaging(algorithm, model, data, num_steps=4, batch_size=8,
-                                       eval_every=2, seed=seed, evaluate=evaluate)
+  runs = [run_averaging(algorithm, model, data, num_steps=4, batch_size=8, eval_every=2,
+                        seed=seed, evaluate=evaluate)
           for seed in (0, 1)]
   assert len(traces) == 1                   # two runs of two blocks: one compiled block
   result = runs[0]

@@ -1,7 +1,9 @@
-"""Drivers of simulations: synchronous rounds, sweeps, the simulated clock and the
-semi-asynchronous engine. Checkpoints and many hosts: `fedjax_sync.simulate.checkpoint`,
+"""Drivers of simulations: synchronous rounds, sweeps, the simulated clock, the
+semi-asynchronous engine and dynamic averaging (FDA). Checkpoints and many hosts: `fedjax_sync.simulate.checkpoint`,
 `fedjax_sync.simulate.multihost`."""
 
+from fedjax_sync.simulate.averaging import (AveragingResult, make_block, run_averaging,
+                                            sample_worker_batches)
 from fedjax_sync.simulate.clock import (ClientClock, RoundPolicy, apply_round_policy,
                                         constant_times, first_m, job_available, job_times,
                                         lognormal_times, make_clock, over_selection,
@@ -26,4 +28,6 @@ __all__ = [
     # The semi-asynchronous engine.
     'AsyncAlgorithm', 'AsyncConfig', 'AsyncResult', 'AsyncRound', 'AsyncState',
     'SemiAsyncSimulator', 'make_async_engine',
+    # Dynamic averaging (FDA and fixed-period baselines).
+    'AveragingResult', 'make_block', 'run_averaging', 'sample_worker_batches',
 ]

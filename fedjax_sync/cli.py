@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the client axis over all local devices ('clients' mesh)")
   run.add_argument('--run-dir', default=None, help='default: runs/<algorithm>-<time>')
   run.add_argument('--quiet', action='store_true', help='no progress bar')
+  run.add_argument('--tensorboard', action='store_true',
+                   help='also write TensorBoard event files (every round\'s scalars) into the '
+                        'run directory (no TensorFlow needed; metrics.jsonl is always written)')
   run.add_argument('--checkpoint-every', type=_positive_int, default=None, metavar='K',
                    help='save the whole simulation state every K rounds (and on Ctrl-C)')
   run.add_argument('--resume', default=None, metavar='RUN_DIR',
@@ -380,10 +383,10 @@ class _NewRunDirectory:
 
 
 # `run --resume` may change these; `--rounds` only upwards (it extends the run).
-_RESUME_MAY_CHANGE = ('quiet', 'checkpoint_every', 'data_dir', 'data_path')
+_RESUME_MAY_CHANGE = ('quiet', 'checkpoint_every', 'data_dir', 'data_path', 'tensorboard')
 # Options that do not change what a run computes (not part of a checkpoint's identity).
 _NOT_IDENTITY = ('command', 'rounds', 'eval_every', 'quiet', 'checkpoint_every', 'run_dir',
-                 'resume', 'config', 'quick', 'seeds', 'data_dir', 'data_path')
+                 'resume', 'config', 'quick', 'seeds', 'data_dir', 'data_path', 'tensorboard')
 
 
 def _identity_options(args) -> dict:
@@ -528,7 +531,8 @@ def _resumed_args(args, given: set[str]) -> argparse.Namespace:
     if mine != theirs:
       raise ValueError(f'{_flag(dest)} {mine!r} contradicts the run being resumed '
                        f'({config_file} has {theirs!r}); with --resume give only --rounds (to '
-                       'extend the run), --checkpoint-every, --quiet, --data-dir, --data-path')
+                       'extend the run), --checkpoint-every, --quiet, --tensorboard, --data-dir, '
+                       '--data-path')
   if 'rounds' in given:
     if args.rounds < merged['rounds']:
       raise ValueError(f'--rounds {args.rounds} is fewer than the {merged["rounds"]} rounds of the '
@@ -712,7 +716,7 @@ def _run(args, given: set[str] = frozenset()) -> int:
     if args.resume is not None:
       raise ValueError('--config and --resume cannot be combined; valid: --resume RUN_DIR '
                        'alone (its config.json gives the options)')
-    for dest in ('hparam', 'aggregator'):
+    for dest in ('hparam', 'aggregator', 'tensorboard'):
       if getattr(args, dest, None):
         raise ValueError(f'{_flag(dest)} does not apply to --config (a study builds its own '
                          f'algorithms); valid: {_flag(dest)} without --config')
@@ -791,7 +795,8 @@ def _run(args, given: set[str] = frozenset()) -> int:
     run_dir = args.resume
     result = checkpoint.run_with_checkpoints(
         simulator, state, run_dir=run_dir, every=args.checkpoint_every, resume=True,
-        progress=not args.quiet, identity=identity, on_start=lambda _: write_config(run_dir))
+        progress=not args.quiet, identity=identity, on_start=lambda _: write_config(run_dir),
+        tensorboard=args.tensorboard)
   else:
     with new_dir:
       run_dir = new_dir.create()
@@ -799,9 +804,11 @@ def _run(args, given: set[str] = frozenset()) -> int:
       if args.checkpoint_every:
         result = checkpoint.run_with_checkpoints(simulator, state, run_dir=run_dir,
                                                  every=args.checkpoint_every,
-                                                 progress=not args.quiet, identity=identity)
+                                                 progress=not args.quiet, identity=identity,
+                                                 tensorboard=args.tensorboard)
       else:
-        result = simulator.run(state, run_dir=run_dir, progress=not args.quiet)
+        result = simulator.run(state, run_dir=run_dir, progress=not args.quiet,
+                               tensorboard=args.tensorboard)
   final = result.final_eval
   print(f'{args.algorithm} on {data.name}: test accuracy {float(final["test_accuracy"]):.4f}, '
         f'test loss {float(final["test_loss"]):.4f} after {args.rounds} rounds '

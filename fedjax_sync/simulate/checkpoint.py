@@ -312,7 +312,8 @@ def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir
                          progress: bool = True, on_block: Callable | None = None,
                          log: Callable[[str], None] | None = None,
                          identity: dict[str, Any] | None = None,
-                         on_start: Callable[[int], None] | None = None):
+                         on_start: Callable[[int], None] | None = None,
+                         tensorboard: bool = False):
   """Runs a `Simulator` with a checkpoint every `every` rounds and on Ctrl-C.
 
   Args:
@@ -332,6 +333,8 @@ def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir
       `simulation_identity(simulator)`); saved with each checkpoint.
     on_start: called as `on_start(rounds_done)` once the run is known to start
       (after a successful restore), before anything is written.
+    tensorboard: also write TensorBoard event files into `run_dir` (a resumed run
+      adds a new file; see `Simulator.run`).
 
   Returns:
     the `SimulationResult`, its history covering all rounds (restored ones too).
@@ -400,7 +403,7 @@ def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir
       result = simulator.run(state, start_round=start, run_dir=absolute, progress=False)
     else:
       result = simulator.run(state, start_round=start, run_dir=absolute, progress=progress,
-                             on_block=hook, block_every=every)
+                             on_block=hook, block_every=every, tensorboard=tensorboard)
   finally:
     if in_main:
       signal.signal(signal.SIGINT, previous)

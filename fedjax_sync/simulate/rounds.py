@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedjax_sync import reporting
+from fedjax_sync import reporting, sinks
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.data.batching import (LocalWork, make_client_batch, pad_clients, sample_clients,
                                        to_device)
@@ -255,7 +255,7 @@ class Simulator:
 
   def run(self, state: ServerState, *, start_round: int = 0, run_dir: str | None = None,
           progress: bool = True, on_block: Callable | None = None,
-          block_every: int | None = None) -> SimulationResult:
+          block_every: int | None = None, tensorboard: bool = False) -> SimulationResult:
     """Runs the remaining rounds from `start_round`, evaluating every `eval_every`.
 
     Args:
@@ -265,7 +265,12 @@ class Simulator:
       run_dir: if given, `metrics.jsonl` is appended there, one JSON line per round
         (NaN/Inf as null, counted in `nonfinite_metrics`); a file that already holds
         a round after `start_round` is refused (ValueError), never appended twice.
-      progress: show a progress bar (round, accuracy, ETA).
+      progress: show a progress bar: it advances by a block's rounds when the block
+        finishes; its rate and time left count from the end of the first
+        (compiling) block and leave out later compilations (`sinks.round_rate`).
+      tensorboard: also write every round's scalars (loss, accuracy, participation,
+        bytes, `aggregator/...`) as TensorBoard events into `run_dir`
+        (`sinks.TensorBoardWriter`, no TensorFlow needed); requires `run_dir`.
       on_block: called as `on_block(state, rounds_done, history)` after each block
         (e.g. to checkpoint).
       block_every: also end a compiled block at every multiple of this many rounds
@@ -273,13 +278,20 @@ class Simulator:
     """
     cfg = self.config
     history: list[dict[str, Any]] = []
+    if tensorboard and not run_dir:
+      raise ValueError('tensorboard=True writes event files into run_dir; pass run_dir too')
     metrics_file = reporting.open_metrics(run_dir, start_round) if run_dir else None
+    events = sinks.TensorBoardWriter(run_dir) if tensorboard else None
     bar = None
     if progress:
       from tqdm.auto import tqdm
-      bar = tqdm(total=cfg.num_rounds, initial=start_round, unit='round', dynamic_ncols=True)
+      bar = tqdm(total=cfg.num_rounds, initial=start_round, unit='round', dynamic_ncols=True,
+                 bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]',
+                 postfix=sinks.format_rate(None, None))
     compile_seconds = 0.0
     started = time.perf_counter()
+    clock_start, timed_rounds, compile_at_clock_start = None, 0, 0.0
+    last_eval = ''
     evaluation: dict[str, Any] = {}
     state = fresh_buffers(state)
     nonfinite_round = None
@@ -304,13 +316,26 @@ class Simulator:
             warn_nonfinite(nonfinite_round, key, row[key])
           if metrics_file:
             metrics_file.write(reporting.metrics_line(row))
+          if events is not None:
+            events.write(row)
         if metrics_file:
           metrics_file.flush()
+        if events is not None:
+          events.flush()
         if bar is not None:
+          now = time.perf_counter()
+          if clock_start is None:   # the first block compiles: the clock starts after it
+            clock_start, compile_at_clock_start = now, compile_seconds
+          else:
+            timed_rounds += length
+          rate, left = sinks.round_rate(
+              timed_rounds, now - clock_start - (compile_seconds - compile_at_clock_start),
+              cfg.num_rounds - (r + length))
+          if evaluation:
+            last_eval = (f"acc={float(evaluation['test_accuracy']):.4f}, "
+                         f"loss={float(evaluation['test_loss']):.4f}, ")
+          bar.set_postfix_str(last_eval + sinks.format_rate(rate, left), refresh=False)
           bar.update(length)
-        if bar is not None and evaluation:
-          bar.set_postfix(acc=f"{float(evaluation['test_accuracy']):.4f}",
-                          loss=f"{float(evaluation['test_loss']):.4f}")
         if on_block is not None:
           on_block(state, r + length, history)
     finally:
@@ -318,6 +343,8 @@ class Simulator:
         bar.close()
       if metrics_file:
         metrics_file.close()
+      if events is not None:
+        events.close()
     if not evaluation:
       evaluation = self.evaluate(state.params, state.client_states)
     if nonfinite_round is None and history and first_nonfinite(

@@ -277,3 +277,27 @@ def format_rate(rate: float | None, seconds_left: float | None) -> str:
   eta = f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
   speed = f'{rate:.3g} rounds/s' if rate >= 1 else f'{1 / rate:.3g} s/round'
   return f'{speed}, {eta} left'
+
+
+class BlockClock:
+  """The progress bar's clock over compiled blocks (see `round_rate`).
+
+  `after_block(rounds, compile_seconds, remaining)` is called when a block of
+  `rounds` rounds finished, with the driver's total compilation time so far; it
+  returns the bar's rate text. The first block (which compiles) starts the clock.
+  """
+
+  def __init__(self, clock=time.perf_counter):
+    self._clock = clock
+    self._start = None
+    self._compile_at_start = 0.0
+    self.timed_rounds = 0
+
+  def after_block(self, rounds: int, compile_seconds: float, remaining: int) -> str:
+    now = self._clock()
+    if self._start is None:
+      self._start, self._compile_at_start = now, compile_seconds
+    else:
+      self.timed_rounds += rounds
+    seconds = now - self._start - (compile_seconds - self._compile_at_start)
+    return format_rate(*round_rate(self.timed_rounds, seconds, remaining))

@@ -105,3 +105,13 @@ def test_round_rate_excludes_the_compiling_block():
   assert sinks.format_rate(5.0, 6.0) == '5 rounds/s, 0:06 left'
   assert sinks.format_rate(0.25, 3725.0) == '4 s/round, 1:02:05 left'
   assert 'first (compiling) block' in sinks.format_rate(None, None)
+
+
+def test_block_clock_starts_after_the_first_block_and_skips_compilation():
+  now = iter([10.0, 14.0, 30.0])
+  clock = sinks.BlockClock(clock=lambda: next(now))
+  assert 'first (compiling) block' in clock.after_block(5, 9.0, 15)   # 10 s: compile + run
+  assert clock.after_block(5, 9.0, 10) == '1.25 rounds/s, 0:08 left'  # 5 rounds in 4 s
+  # 10 rounds in 20 s of which 10 s compiled a new block length: 1 round/s.
+  assert clock.after_block(5, 19.0, 5) == '1 rounds/s, 0:05 left'
+  assert clock.timed_rounds == 10

@@ -290,7 +290,7 @@ class Simulator:
                  postfix=sinks.format_rate(None, None))
     compile_seconds = 0.0
     started = time.perf_counter()
-    clock_start, timed_rounds, compile_at_clock_start = None, 0, 0.0
+    clock = sinks.BlockClock()
     last_eval = ''
     evaluation: dict[str, Any] = {}
     state = fresh_buffers(state)
@@ -323,18 +323,11 @@ class Simulator:
         if events is not None:
           events.flush()
         if bar is not None:
-          now = time.perf_counter()
-          if clock_start is None:   # the first block compiles: the clock starts after it
-            clock_start, compile_at_clock_start = now, compile_seconds
-          else:
-            timed_rounds += length
-          rate, left = sinks.round_rate(
-              timed_rounds, now - clock_start - (compile_seconds - compile_at_clock_start),
-              cfg.num_rounds - (r + length))
+          rate = clock.after_block(length, compile_seconds, cfg.num_rounds - (r + length))
           if evaluation:
             last_eval = (f"acc={float(evaluation['test_accuracy']):.4f}, "
                          f"loss={float(evaluation['test_loss']):.4f}, ")
-          bar.set_postfix_str(last_eval + sinks.format_rate(rate, left), refresh=False)
+          bar.set_postfix_str(last_eval + rate, refresh=False)
           bar.update(length)
         if on_block is not None:
           on_block(state, r + length, history)

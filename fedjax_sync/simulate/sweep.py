@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sync import sinks
 from fedjax_sync.algorithms.registry import Hyperparameters, build_algorithm
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.data.batching import make_client_batch, pad_clients, sample_clients, to_device
@@ -245,7 +246,10 @@ class Sweep:
     if progress:
       from tqdm.auto import tqdm
       bar = tqdm(total=cfg.num_rounds, unit='round', dynamic_ncols=True,
-                 desc=f'{self.num_simulations} simulations')
+                 desc=f'{self.num_simulations} simulations',
+                 bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]',
+                 postfix=sinks.format_rate(None, None))
+    clock = sinks.BlockClock()   # rate from the end of the first (compiling) block
     compile_seconds, started = 0.0, time.perf_counter()
     evaluation: dict[str, np.ndarray] = {}
     states = fresh_buffers(states)
@@ -266,8 +270,10 @@ class Sweep:
               row.update({k: float(v[s]) for k, v in evaluation.items() if np.ndim(v) == 1})
             history.append(row)
         if bar is not None:
+          rate = clock.after_block(length, compile_seconds, cfg.num_rounds - (r + length))
+          bar.set_postfix_str(
+              f"mean acc={float(np.mean(evaluation['test_accuracy'])):.4f}, {rate}", refresh=False)
           bar.update(length)
-          bar.set_postfix(acc=f"{float(np.mean(evaluation['test_accuracy'])):.4f}")
     finally:
       if bar is not None:
         bar.close()

@@ -224,7 +224,8 @@ def client_clip(stacked: PyTree, bound) -> tuple[PyTree, jax.Array, jax.Array]:
 
 def _direct_clip_factors(sq: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`[C]` norms and factors `min(1, bound/‖x_c‖)` from finite squared norms."""
-  norms = jnp.sqrt(jnp.maximum(sq, 0))
+  positive = sq > 0   # sqrt's derivative at 0 is infinite: keep 0 out of it (finite gradients)
+  norms = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
   factors = jnp.where(norms > bound, bound / jnp.where(norms > 0, norms, 1), 1).astype(sq.dtype)
   return norms, factors
 

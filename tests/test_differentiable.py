@@ -349,14 +349,11 @@ def test_clip_by_norm_gradient_is_one_sided_at_the_boundary():
   assert abs(float(right)) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason='known: tree._direct_clip_factors takes sqrt of a '
-                   'zero squared norm (infinite derivative) and 0 * inf = NaN; docs/'
-                   'differentiable_rounds.md')
 def test_clipping_a_zero_update_keeps_the_gradient_finite():
   """A client whose update is exactly 0 (a padded client without data: its update
   `w − w` has tangent 0 from the second round on) must not make the gradient through
-  `clip_by_norm` NaN. It does today (2 rounds of FedAvg + clipping with padded clients
-  give a NaN hypergradient): strict xfail, so the fix is noticed."""
+  `clip_by_norm` NaN (2 rounds of FedAvg + clipping with padded clients
+  gave a NaN hypergradient before `tree._direct_clip_factors` kept 0 out of sqrt)."""
   with jax.enable_x64(True):
     updates = _updates(seed=3, num=3).copy()
     updates['w'] = updates['w'].at[2].set(0.0)

@@ -32,7 +32,8 @@ Reported: the median of `repeats` steady-state rounds after `warmup` rounds, com
 time separately, the ratio to the limit, to FedJAX when measured, and to the
 arithmetic limit (the round's FLOPs from XLA's cost analysis of the compiled round
 over a float32 matmul peak measured in the same run). FedJAX figures recorded in an
-earlier run (`ANCHORS`) are printed with their date and machine, as recorded. All variants of a workload are compiled
+earlier run (`ANCHORS`) are printed only when FedJAX was not measured in this run, and
+then labelled as recorded, with their date and machine (`fedjax_reference`). All variants of a workload are compiled
 first, then timed in turns (`interleaved_medians`), so the ratios come from one run
 under the same load; each timed round of the dense workloads follows one untimed
 round of the same variant, so that it measures consecutive rounds (as in a
@@ -49,7 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -85,9 +86,41 @@ WORKLOADS = {
     'transformer_100': ('causal_transformer', (80,), 90, 100),
 }
 SEQUENCE_MODELS = ('char_lstm', 'causal_transformer')
+
+
+class RecordedFigure(NamedTuple):
+  """A FedJAX figure recorded in an earlier run: never printed as if measured now."""
+  seconds: float
+  date: str
+  machine: str
+
+
+_ISSUE_8 = ('2026-11-22', "2-core AMD EPYC CPU (issue #8)")
 # FedJAX 0.0.17 seconds per round recorded earlier (not measured by this run).
-ANCHORS = {'mlp_100': 0.25, 'cnn_10': 2.35, 'stock_cnn_10': 2.35}
-ANCHORS_RECORDED = ('2026-11-22, the project\'s 2-core AMD EPYC CPU (issue #8)')
+ANCHORS = {'mlp_100': RecordedFigure(0.25, *_ISSUE_8), 'cnn_10': RecordedFigure(2.35, *_ISSUE_8),
+           'stock_cnn_10': RecordedFigure(2.35, *_ISSUE_8)}
+
+
+def fedjax_reference(workload: str, measured_seconds: float | None = None) -> str:
+  """FedJAX's figure for `workload`, saying whether it was measured in this run.
+
+  A figure measured now wins; otherwise the recorded one (`ANCHORS`) with its date
+  and machine and 'not measured in this run'; '' when there is neither.
+  """
+  if measured_seconds is not None:
+    return f'FedJAX {measured_seconds:.4g} s/round (measured in this run)'
+  anchor = ANCHORS.get(workload)
+  if anchor is None:
+    return ''
+  return (f'FedJAX {anchor.seconds:g} s/round (recorded {anchor.date}, {anchor.machine}; '
+          'not measured in this run)')
+
+
+def recorded_fedjax(workload: str, measured: bool) -> dict | None:
+  """The recorded FedJAX figure as a metrics field, or None when FedJAX was measured."""
+  anchor = ANCHORS.get(workload)
+  return None if measured or anchor is None else {**anchor._asdict(),
+                                                  'measured_in_this_run': False}
 # The FedJAX workload (experiments/fedjax_reference.py) that matches each of ours.
 FEDJAX_WORKLOADS = {'mlp_100': ('mlp', 100), 'cnn_10': ('cnn', 10), 'cnn_100': ('cnn', 100),
                     'stock_cnn_10': ('cnn', 10), 'stock_cnn_100': ('cnn', 100)}
@@ -411,7 +444,7 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
            'gflop': flops / 1e9 if flops else None,
            'ratio_to_arithmetic_limit': t.seconds / arithmetic_s if arithmetic_s else None,
            'auto_picks': auto,
-           'fedjax_anchor_seconds': ANCHORS.get(name)}
+           'fedjax_recorded': recorded_fedjax(name, fedjax is not None)}
           for variant, t in timings.items()], skipped
 
 
@@ -501,22 +534,24 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
       print(f"{w}: 'auto' picks {picked[0]['auto_picks']} ({auto_s:.4f} s); fastest other "
             f"variant: {fastest['variant']} ({fastest['seconds']:.4f} s); auto / fastest = "
             f"{auto_s / fastest['seconds']:.2f}", flush=True)
-    if new and new[0]['fedjax_anchor_seconds'] is not None and not any(
-        r['variant'] == 'fedjax' for r in new):
-      print(f"{w}: FedJAX 0.0.17 took {new[0]['fedjax_anchor_seconds']} s/round when recorded "
-            f"({ANCHORS_RECORDED}); not measured in this run", flush=True)
+    measured = [r['seconds'] for r in new if r['variant'] == 'fedjax']
+    reference = fedjax_reference(w, measured[0] if measured else None)
+    if reference:
+      print(f'{w}: {reference}', flush=True)
+    for i, r in enumerate(new):   # the reference once per workload, in its first row
+      r['_reference'] = reference if i == 0 else ''
     rows += new
   blank = lambda v: '' if v is None else v
   table = [(r['workload'], r['variant'], r['seconds'], r['ratio_to_limit'], r['cpu_seconds'],
             r['cpu_ratio_to_limit'], r['compile_seconds'], blank(r['xla_temp_mb']),
             blank(r['ratio_to_fedjax']), blank(r['gflop']),
-            blank(r['ratio_to_arithmetic_limit']), blank(r['fedjax_anchor_seconds']))
+            blank(r['ratio_to_arithmetic_limit']), r.pop('_reference', ''))
            for r in rows]
   reporting.write_summary(
       run_dir, 'FedAvg round time (median steady-state round)',
       ['workload', 'variant', 's/round', '× limit', 'CPU s/round', 'CPU × limit', 'compile s',
        'XLA temp MB', '× FedJAX (this run)', 'GFLOP', '× arithmetic limit',
-       f'FedJAX s/round recorded {ANCHORS_RECORDED}'], table,
+       'FedJAX (measured now, or recorded: date, machine)'], table,
       notes=f'Machine: {machine()}. Synthetic random inputs of the right shapes (timing only). '
             'Wall-clock and process CPU time (all threads) of the median steady round, the '
             'variants of a workload timed in turns (interleaved), each timed round of '

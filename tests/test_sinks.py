@@ -115,3 +115,21 @@ def test_block_clock_starts_after_the_first_block_and_skips_compilation():
   # 10 rounds in 20 s of which 10 s compiled a new block length: 1 round/s.
   assert clock.after_block(5, 19.0, 5) == '1 rounds/s, 0:05 left'
   assert clock.timed_rounds == 10
+
+
+def test_bench_never_prints_a_recorded_fedjax_figure_as_measured():
+  from fedjax_sync.cli import _load_study
+  bench = _load_study(os.path.join(os.path.dirname(__file__), '..', 'experiments',
+                                   'benchmark.py'))
+  anchor = bench.ANCHORS['mlp_100']
+  text = bench.fedjax_reference('mlp_100')
+  assert text.startswith(f'FedJAX {anchor.seconds:g} s/round (recorded {anchor.date}, ')
+  assert anchor.machine in text and text.endswith('not measured in this run)')
+  assert anchor.date.startswith('2026-11-') and 'CPU' in anchor.machine
+  # A figure measured in the run replaces the recorded one.
+  assert bench.fedjax_reference('mlp_100', 0.3125) == 'FedJAX 0.3125 s/round (measured in this run)'
+  assert bench.recorded_fedjax('mlp_100', measured=True) is None
+  assert bench.recorded_fedjax('mlp_100', measured=False) == {
+      'seconds': anchor.seconds, 'date': anchor.date, 'machine': anchor.machine,
+      'measured_in_this_run': False}
+  assert bench.fedjax_reference('logreg_synthetic') == ''

@@ -110,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
   listing.add_argument('--algorithm', default=None, choices=algorithm_names(),
                        help="this algorithm's hyperparameters (--hparam keys), defaults and paper")
 
-  plot = sub.add_parser('plot', help='overlay runs: test accuracy and loss against rounds')
+  plot = sub.add_parser('plot', help='overlay runs against rounds (default: test accuracy and '
+                                     'loss), labelled by algorithm and seed; seeds of one '
+                                     'configuration as mean ± std')
   plot.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
+  plot.add_argument('--metric', action='append', default=None, metavar='NAME',
+                    help='a metric of metrics.jsonl to draw, one panel each (repeatable; '
+                         'default: test_accuracy and test_loss)')
   plot.add_argument('--out', default=None, help='PNG path (default: RUN_DIR/overlay.png)')
 
   run = sub.add_parser('run', help='run one algorithm, or a study with --config')
@@ -959,7 +964,7 @@ def _plot(args) -> int:
   out = args.out or os.path.join(args.run_dirs[0], 'overlay.png')
   if not out.endswith('.png') or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
     raise ValueError(f'--out {out!r} must be a .png path in an existing directory')
-  reporting.plot_runs(out, args.run_dirs)
+  reporting.plot_runs(out, args.run_dirs, args.metric)
   print(out)
   return 0
 

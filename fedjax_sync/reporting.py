@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -215,39 +215,179 @@ def curves(rows: Iterable[Mapping[str, Any]], metric: str,
   return out
 
 
-def plot_runs(path: str, run_dirs: Sequence[str],
-              metrics: Sequence[str] = ('test_accuracy', 'test_loss')) -> str:
-  """Overlays runs: one panel per metric against rounds, one line per run and series.
+def read_config(run_dir: str) -> dict[str, Any] | None:
+  """`run_dir/config.json` as a dict; None when it is missing or not a JSON object."""
+  path = os.path.join(run_dir, 'config.json')
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None
+  return config if isinstance(config, dict) else None
 
-  Each run directory's `metrics.jsonl` is grouped into series (`series_key`) and
-  averaged over seeds, with a ± std band. Lines are labelled `<run dir>: <series>`
-  when several run directories are given.
+
+def _without_seed(value):
+  """`value` with every key named 'seed' removed, at any depth."""
+  if isinstance(value, Mapping):
+    return {k: _without_seed(v) for k, v in value.items() if k != 'seed'}
+  if isinstance(value, list):
+    return [_without_seed(v) for v in value]
+  return value
+
+
+def run_seed(config: Mapping[str, Any]) -> Any:
+  """The seed of a `fedjax-sync run` directory's config (model init and client sampling)."""
+  simulation = config.get('simulation')
+  if isinstance(simulation, Mapping) and 'seed' in simulation:
+    return simulation['seed']
+  cli_args = config.get('cli_args')
+  return cli_args.get('seed') if isinstance(cli_args, Mapping) else config.get('seed')
+
+
+def configuration(config: Mapping[str, Any]) -> dict[str, Any]:
+  """What a run computes, less its seed: runs with equal configurations are seeds of one.
+
+  `cli_args` is left out (it repeats the recorded fields, plus the run directory,
+  --quiet and other options that change no result), and so is every 'seed' key.
+  """
+  return _without_seed({k: v for k, v in config.items() if k != 'cli_args'})
+
+
+def _flatten(value, prefix: str = '') -> dict[str, Any]:
+  if isinstance(value, Mapping):
+    out = {}
+    for k, v in value.items():
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: json.dumps(value, sort_keys=True) if isinstance(value, list) else value}
+
+
+def _is_single_run(config: Mapping[str, Any] | None) -> bool:
+  return bool(config) and isinstance(config.get('algorithm'), str) and 'simulation' in config
+
+
+class RunGroup(NamedTuple):
+  """Run directories that are seeds of one configuration, and their legend label."""
+  label: str
+  run_dirs: tuple[str, ...]
+  seeds: tuple[Any, ...]
+
+
+def group_runs(run_dirs: Sequence[str]) -> tuple[list[RunGroup], list[str]]:
+  """`(groups of seeds of one configuration, directories without a run config.json)`.
+
+  Directories written by `fedjax-sync run` are grouped when their `config.json`
+  differ only in seed. A group is labelled by its algorithm, the recorded fields
+  in which the groups differ (e.g. `client_learning_rate=0.1`), and its seed(s).
+  Other directories (studies, whose rows name their own series) come back apart.
+  """
+  keyed: dict[str, list[tuple[str, dict]]] = {}
+  others = []
+  for d in run_dirs:
+    config = read_config(d)
+    if not _is_single_run(config):
+      others.append(d)
+      continue
+    key = json.dumps(configuration(config), sort_keys=True, default=str)
+    keyed.setdefault(key, []).append((d, config))
+  flat = {key: _flatten(json.loads(key)) for key in keyed}
+  varying = sorted({name for a in flat.values() for b in flat.values()
+                    for name in set(a) | set(b) if a.get(name) != b.get(name)})
+  groups = []
+  for key, members in keyed.items():
+    config = members[0][1]
+    seeds = tuple(run_seed(c) for _, c in members)
+    parts = [config['algorithm']]
+    for name in varying:
+      if name == 'algorithm' or name not in flat[key]:
+        continue
+      value = flat[key][name]
+      if 'data_fingerprint' in name:
+        continue   # implied by the data fields
+      value = f'{value:g}' if isinstance(value, float) else value
+      parts.append(f'{name.rsplit(".", 1)[-1]}={value}')
+    if len(members) == 1:
+      parts.append(f'seed {seeds[0]}')
+    else:
+      parts.append(f'seeds {",".join(str(x) for x in seeds)} (mean ± std)')
+    groups.append(RunGroup(' '.join(str(p) for p in parts), tuple(d for d, _ in members), seeds))
+  return groups, others
+
+
+def group_curve(runs_rows: Sequence[Sequence[Mapping[str, Any]]],
+                metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`(rounds, mean, std)` of `metric` over runs (population std), at the rounds all runs have."""
+  per_run = []
+  for rows in runs_rows:
+    values = {}
+    for row in rows:
+      value = row.get(metric)
+      if 'round' in row and isinstance(value, (int, float)) and not isinstance(value, bool):
+        values[int(row['round'])] = float(value)
+    per_run.append(values)
+  rounds = sorted(set.intersection(*(set(v) for v in per_run))) if per_run else []
+  table = np.array([[v[r] for r in rounds] for v in per_run], np.float64).reshape(
+      len(per_run), len(rounds))
+  return np.array(rounds), table.mean(0), table.std(0)
+
+
+def available_metrics(rows: Iterable[Mapping[str, Any]]) -> set[str]:
+  """The numeric fields of metrics rows (besides 'round')."""
+  return {k for row in rows for k, v in row.items()
+          if k != 'round' and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def plot_runs(path: str, run_dirs: Sequence[str],
+              metrics: Sequence[str] | None = None) -> str:
+  """Overlays runs: one panel per metric against rounds.
+
+  Run directories written by `fedjax-sync run` are labelled by algorithm and seed
+  from their `config.json`; those differing only in seed are drawn as one line,
+  their mean, with a ± std band (`group_runs`). Other directories (studies) are
+  grouped into series by their rows (`series_key`), averaged over seeds, and
+  labelled `<run dir>: <series>` when several directories are given.
+  `metrics` (default test accuracy and loss) may name any numeric field of the
+  rows; an unknown one is a ValueError naming those available.
   """
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  loaded = [(os.path.basename(os.path.normpath(d)) or d, read_metrics(d)) for d in run_dirs]
+  rows_of = {d: read_metrics(d) for d in run_dirs}
+  available = set().union(*(available_metrics(rows) for rows in rows_of.values()))
+  metrics = list(metrics or ('test_accuracy', 'test_loss'))
+  unknown = [m for m in metrics if m not in available]
+  if unknown:
+    raise ValueError(f'no metric {unknown[0]!r} in {", ".join(run_dirs)}; available: '
+                     f'{", ".join(sorted(available)) or "none"}')
+  groups, others = group_runs(run_dirs)
+  names = {d: os.path.basename(os.path.normpath(d)) or d for d in run_dirs}
   fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.2), dpi=110,
                            squeeze=False)
-  found = False
   for ax, metric in zip(axes[0], metrics):
-    for name, rows in loaded:
-      for label, (x, mean, std) in curves(rows, metric).items():
-        found = True
-        full = f'{name}: {label}' if len(loaded) > 1 else label
-        ax.plot(x, mean, label=full, marker='o' if len(x) <= 12 else None, markersize=3)
+    for group in groups:
+      x, mean, std = group_curve([rows_of[d] for d in group.run_dirs], metric)
+      if not len(x):
+        continue
+      (line,) = ax.plot(x, mean, label=group.label, marker='o' if len(x) <= 12 else None,
+                        markersize=3)
+      if len(group.run_dirs) > 1:
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    for d in others:
+      for label, (x, mean, std) in curves(rows_of[d], metric).items():
+        full = f'{names[d]}: {label}' if len(run_dirs) > 1 else label
+        (line,) = ax.plot(x, mean, label=full, marker='o' if len(x) <= 12 else None,
+                          markersize=3)
         if np.any(std > 0):
-          ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+          ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
     ax.set_xlabel('round')
     ax.set_ylabel(metric)
+    ax.set_title(metric, fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
-  if not found:
-    plt.close(fig)
-    raise ValueError(f'no {" or ".join(metrics)} rows in {", ".join(run_dirs)}; '
-                     'nothing to plot')
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -133,3 +133,49 @@ def test_bench_never_prints_a_recorded_fedjax_figure_as_measured():
       'seconds': anchor.seconds, 'date': anchor.date, 'machine': anchor.machine,
       'measured_in_this_run': False}
   assert bench.fedjax_reference('logreg_synthetic') == ''
+
+
+def _fake_run(path, algorithm, seed, lr, accuracies):
+  """A run directory as `fedjax-sync run` writes it (config.json, metrics.jsonl), by hand."""
+  path.mkdir()
+  config = {'command': 'run', 'algorithm': algorithm, 'dataset': 'synthetic',
+            'hyperparameters': {'client_learning_rate': lr},
+            'simulation': {'num_rounds': len(accuracies) * 2, 'seed': seed, 'eval_every': 2},
+            'cli_args': {'seed': seed, 'run_dir': str(path), 'quiet': True}}
+  (path / 'config.json').write_text(json.dumps(config))
+  rows = []
+  for i, acc in enumerate(accuracies):
+    rows.append({'round': 2 * i + 1, 'train_loss': 1.0 / (i + 1) + seed})
+    rows.append({'round': 2 * i + 2, 'train_loss': 0.5 / (i + 1), 'test_accuracy': acc})
+  (path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return str(path)
+
+
+def test_plot_groups_seeds_labels_by_algorithm_and_seed(tmp_path, capsys):
+  from fedjax_sync import reporting
+  accs = {0: [0.2, 0.5, 0.7], 1: [0.3, 0.4, 0.8], 2: [0.1, 0.6, 0.9]}
+  seeds = [_fake_run(tmp_path / f'avg{s}', 'fedavg', s, 0.1, a) for s, a in accs.items()]
+  other = _fake_run(tmp_path / 'avg_lr', 'fedavg', 0, 0.3, [0.4, 0.4, 0.4])
+  prox = _fake_run(tmp_path / 'prox', 'fedprox', 5, 0.1, [0.5, 0.6, 0.7])
+  groups, others = reporting.group_runs(seeds + [other, prox])
+  assert others == []
+  labels = {g.label: g for g in groups}
+  assert set(labels) == {'fedavg client_learning_rate=0.1 seeds 0,1,2 (mean ± std)',
+                         'fedavg client_learning_rate=0.3 seed 0',
+                         'fedprox client_learning_rate=0.1 seed 5'}
+  group = labels['fedavg client_learning_rate=0.1 seeds 0,1,2 (mean ± std)']
+  x, mean, std = reporting.group_curve([reporting.read_metrics(d) for d in group.run_dirs],
+                                       'test_accuracy')
+  table = np.array(list(accs.values()))
+  np.testing.assert_array_equal(x, [2, 4, 6])
+  np.testing.assert_allclose(mean, table.mean(0))
+  np.testing.assert_allclose(std, table.std(0))
+  out = str(tmp_path / 'overlay.png')
+  assert main(['plot', *seeds, other, prox, '--metric', 'test_accuracy', '--metric',
+               'train_loss', '--out', out]) == 0
+  assert os.path.getsize(out) > 10_000
+  capsys.readouterr()
+  assert main(['plot', *seeds, '--metric', 'test_acc', '--out', out]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "no metric 'test_acc'" in err
+  assert 'available: test_accuracy, train_loss' in err

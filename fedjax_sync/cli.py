@@ -84,6 +84,11 @@ def _hparam_assignment(text: str) -> str:
   return f'{key}={value}'
 
 
+def _sweep_assignment(text: str) -> str:
+  from fedjax_sync.cli_sweeps import sweep_assignment
+  return sweep_assignment(text)
+
+
 def _aggregator_expression(text: str) -> str:
   """The expression checked by building it, in its canonical spelling (for --resume)."""
   from fedjax_sync.aggregators.registry import canonical_aggregator_expression
@@ -107,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
   listing = sub.add_parser('list', help='datasets (and which are prepared), models, algorithms, '
                                         'partitions, aggregators')
   listing.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
-  listing.add_argument('--algorithm', default=None, choices=algorithm_names(),
+  listing.add_argument('--algorithm', default=None, choices=algorithm_names(None),
                        help="this algorithm's hyperparameters (--hparam keys), defaults and paper")
 
   plot = sub.add_parser('plot', help='overlay runs against rounds (default: test accuracy and '
@@ -120,14 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
   plot.add_argument('--out', default=None, help='PNG path (default: RUN_DIR/overlay.png)')
 
   run = sub.add_parser('run', help='run one algorithm, or a study with --config')
-  run.add_argument('--algorithm', default='fedavg', choices=algorithm_names())
+  run.add_argument('--algorithm', default='fedavg', choices=algorithm_names(None))
   run.add_argument('--dataset', default=None, type=_dataset, metavar='NAME|PATH',
                    help=f"{', '.join(dataset_names())}, or a LEAF/TFF/FedJAX/IDX file or "
                         "directory (default: synthetic; with --config: the study's own)")
   run.add_argument('--model', default=None, choices=sorted(MODELS),
                    help="default: the dataset's usual model")
   run.add_argument('--num-clients', type=_positive_int, default=30, help='population size N')
-  run.add_argument('--rounds', type=_positive_int, default=200)
+  run.add_argument('--rounds', type=_positive_int, default=200,
+                   help='synchronous rounds; for fedbuff, fedasync, fedqs_*: server '
+                        'aggregations; for fda, local_sgd, periodic_*: local steps of every '
+                        'worker (default 200)')
   run.add_argument('--clients-per-round', type=_positive_int, default=10)
   work = run.add_mutually_exclusive_group()
   work.add_argument('--local-epochs', type=_positive_int, default=None)
@@ -174,8 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--config', default=None, metavar='STUDY.py',
                    help='run a study file (experiments/*.py) defining run(run_dir, ...)')
   run.add_argument('--quick', action='store_true', help='with --config: the reduced CI size')
-  run.add_argument('--seeds', type=_positive_int, default=None,
-                   help="with --config: number of seeds (default: the study's)")
+  run.add_argument('--seeds', type=_positive_int, default=None, metavar='N',
+                   help='N members with seeds --seed, --seed + 1, ..., run as one vmapped '
+                        'program into RUN_DIR/members/<label>/ (the data stay fixed by '
+                        "--data-seed); with --config: the study's number of seeds")
+  run.add_argument('--sweep', action='append', default=None, type=_sweep_assignment,
+                   metavar='KEY=V1,V2,...',
+                   help='sweep a float hyperparameter of --algorithm (a --hparam key the '
+                        'algorithm uses as an array: learning rates) in the same vmapped '
+                        'program; with --seeds: every seed × every value')
   run.add_argument('--data-dir', default=None, help="TFDS data directory (default: TFDS's)")
   run.add_argument('--data-path', default=None, metavar='PATH', help=_DATA_PATH_HELP)
   run.add_argument('--data-seed', type=_seed, default=0,
@@ -189,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'small: skewed labels)')
   run.add_argument('--shards-per-client', type=_positive_int, default=None,
                    help='single-class shards per client for --partition shards (default 2)')
+  _add_clock_flags(run)
   inspect = sub.add_parser('inspect', help='clients, examples, features and client sizes of '
                                            'a dataset (a registered name or a file)')
   inspect.add_argument('dataset', type=_dataset, metavar='NAME|PATH')
@@ -219,6 +235,40 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument('--min-speeches', type=_positive_int, default=2,
                        help='speeches a role needs to become a client (default 2)')
   return parser
+
+
+def _add_clock_flags(run: argparse.ArgumentParser) -> None:
+  """The simulated clock of asynchronous runs (fedjax_sync.simulate.clock)."""
+  from fedjax_sync.cli_timelines import CLOCKS
+
+  run.add_argument('--clock', default='constant', choices=CLOCKS,
+                   help='asynchronous runs: job times of the clients: constant (1 each), '
+                        'lognormal (median 1, --clock-sigma), speed_ratio (evenly from 1 to '
+                        '--speed-ratio) (default constant)')
+  run.add_argument('--clock-sigma', type=_non_negative_float, default=1.0,
+                   help='σ of --clock lognormal (default 1.0)')
+  run.add_argument('--speed-ratio', type=_speed_ratio, default=10.0,
+                   help='slowest / fastest job time of --clock speed_ratio (default 10)')
+  run.add_argument('--clock-jitter', type=_non_negative_float, default=0.0,
+                   help="asynchronous runs: σ of a per-job lognormal factor on each job's time")
+  run.add_argument('--dropout', type=_probability, default=0.0,
+                   help='asynchronous runs: probability that a job is lost (default 0)')
+
+
+def _speed_ratio(text: str) -> float:
+  value = _positive_float(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is out of range; valid: a ratio ≥ 1 '
+                                     '(slowest / fastest)')
+  return value
+
+
+def _probability(text: str) -> float:
+  value = _non_negative_float(text)
+  if value >= 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is out of range; valid: a probability in '
+                                     '[0, 1)')
+  return value
 
 
 def _dataset(text: str) -> str:
@@ -391,7 +441,8 @@ class _NewRunDirectory:
 _RESUME_MAY_CHANGE = ('quiet', 'checkpoint_every', 'data_dir', 'data_path', 'tensorboard')
 # Options that do not change what a run computes (not part of a checkpoint's identity).
 _NOT_IDENTITY = ('command', 'rounds', 'eval_every', 'quiet', 'checkpoint_every', 'run_dir',
-                 'resume', 'config', 'quick', 'seeds', 'data_dir', 'data_path', 'tensorboard')
+                 'resume', 'config', 'quick', 'seeds', 'data_dir', 'data_path', 'tensorboard',
+                 'sweep')
 
 
 def _identity_options(args) -> dict:
@@ -410,6 +461,8 @@ def _identity_options(args) -> dict:
   for dest in ('hparam', 'aggregator'):   # likewise: not given = the runs made before them
     if options.get(dest) is None:
       options.pop(dest, None)
+  for dest in ('clock', 'clock_sigma', 'speed_ratio', 'clock_jitter', 'dropout'):
+    options.pop(dest, None)   # asynchronous runs only (refused on synchronous ones)
   return options
 
 
@@ -715,13 +768,14 @@ def _run(args, given: set[str] = frozenset()) -> int:
   from fedjax_sync.algorithms.registry import hyperparameter_values
   from fedjax_sync.data.federated import data_fingerprint
   from fedjax_sync.data.registry import default_model
+  from fedjax_sync import cli_sweeps
   from fedjax_sync.simulate import checkpoint
 
   if args.config is not None:
     if args.resume is not None:
       raise ValueError('--config and --resume cannot be combined; valid: --resume RUN_DIR '
                        'alone (its config.json gives the options)')
-    for dest in ('hparam', 'aggregator', 'tensorboard'):
+    for dest in ('hparam', 'aggregator', 'tensorboard', 'sweep'):
       if getattr(args, dest, None):
         raise ValueError(f'{_flag(dest)} does not apply to --config (a study builds its own '
                          f'algorithms); valid: {_flag(dest)} without --config')
@@ -731,9 +785,20 @@ def _run(args, given: set[str] = frozenset()) -> int:
                        'its own data); valid: --partition, --alpha, --shards-per-client '
                        'without --config')
     return _run_config(args)
+  cli_sweeps.check_options(args)   # --seeds/--sweep: synchronous, no checkpoints (yet)
+  from fedjax_sync import cli_timelines
+  from fedjax_sync.algorithms.registry import SYNCHRONOUS, algorithm_timeline
+  timeline = algorithm_timeline(args.algorithm)
+  if timeline != SYNCHRONOUS:
+    return cli_timelines.run_timeline(args, given, timeline)
+  cli_timelines.check_flags(args, given, timeline)
   resuming = args.resume is not None
   if resuming:
     args = _resumed_args(args, given)
+    if algorithm_timeline(args.algorithm) != SYNCHRONOUS:
+      raise ValueError(f'--resume {args.resume!r}: the run is --algorithm {args.algorithm} (the '
+                       f'{algorithm_timeline(args.algorithm)} timeline), which has no '
+                       'checkpoints to resume from')
   else:   # check the directory before any work; create it only when the run starts
     default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')
     new_dir = _NewRunDirectory(args.run_dir or default)
@@ -742,6 +807,7 @@ def _run(args, given: set[str] = frozenset()) -> int:
     args.dataset = 'synthetic'
   hparams = _hyperparameters(args, given)   # checked before any data is loaded
   aggregator = _aggregator(args)
+  sweep_plan = cli_sweeps.plan_sweep(args, given) if cli_sweeps.is_sweep(args) else None
 
   partition = _partition_settings(args)
   data = _load_data(args, partition)
@@ -774,6 +840,11 @@ def _run(args, given: set[str] = frozenset()) -> int:
                      f'{_one_line(e)}') from None
   config = fs.SimulationConfig(num_rounds=args.rounds, clients_per_round=args.clients_per_round,
                                local_work=work, eval_every=args.eval_every, seed=args.seed)
+  if sweep_plan is not None:   # --seeds/--sweep: every member in one vmapped program
+    return cli_sweeps.run_sweep(
+        args, sweep_plan, model=model, model_name=model_name, data=data,
+        partition=_partition_record(partition), fingerprint=fingerprint, work=work,
+        execution=execution, engine=engine, hparams=hparams, config=config, new_dir=new_dir)
   simulator = fs.Simulator(algorithm, model, data, config, execution=execution)
   try:
     state = simulator.init()
@@ -847,9 +918,11 @@ def _list(args) -> int:
   print('models:')
   for k in sorted(MODELS):
     print(f'  {k}')
-  print('algorithms:')
+  from fedjax_sync.algorithms.registry import SYNCHRONOUS, algorithm_timeline
+  print('algorithms (timeline: synchronous rounds unless marked):')
   for k, v in algorithm_descriptions().items():
-    print(f'  {k:24s} {v}')
+    timeline = algorithm_timeline(k)
+    print(f'  {k:24s} {v}' + ('' if timeline == SYNCHRONOUS else f' [{timeline}]'))
   print('partitions (--partition, for datasets without their own clients):')
   for k in PARTITIONS:
     print(f'  {k:24s} {_PARTITION_HELP.get(k, "")}'.rstrip())
@@ -867,12 +940,23 @@ _PARTITION_HELP = {
 }
 
 
+_TIMELINE_HELP = {
+    'synchronous': '--rounds counts rounds',
+    'semi_async': '--rounds counts server aggregations; clock: --clock, --clock-jitter, '
+                  '--dropout',
+    'averaging': '--rounds counts local steps of every worker',
+}
+
+
 def _list_algorithm(name: str) -> int:
   """`list --algorithm NAME`: the paper, then each hyperparameter with its type and default."""
   from fedjax_sync.algorithms.registry import algorithm_descriptions, algorithm_hyperparameters
 
+  from fedjax_sync.algorithms.registry import algorithm_timeline
   flags = {field: _flag(dest) for dest, field in _HYPERPARAMETER_FLAGS.items()}
-  print(f'{name}: {algorithm_descriptions()[name]}')
+  timeline = algorithm_timeline(name)
+  print(f'{name}: {algorithm_descriptions()[name]} [timeline: {timeline}; '
+        f'{_TIMELINE_HELP[timeline]}]')
   print('hyperparameters (--hparam KEY=VALUE):')
   for h in algorithm_hyperparameters(name):
     default = "the algorithm's own" if h.default is None else h.default
@@ -956,6 +1040,11 @@ def _run_config(args) -> int:
 
 def _plot(args) -> int:
   from fedjax_sync import reporting
+  from fedjax_sync.cli_sweeps import member_run_dirs
+
+  given_dirs, args.run_dirs = args.run_dirs, member_run_dirs(args.run_dirs)   # sweep members
+  if args.out is None and args.run_dirs != given_dirs:
+    args.out = os.path.join(given_dirs[0], 'overlay.png')
 
   for d in args.run_dirs:
     if not os.path.isfile(os.path.join(d, 'metrics.jsonl')):

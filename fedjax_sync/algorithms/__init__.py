@@ -28,13 +28,16 @@ from fedjax_sync.algorithms.registry import (Hyperparameter, Hyperparameters,
                                              hyperparameter_values, register_algorithm,
                                              resolve_hyperparameters)
 from fedjax_sync.algorithms.scaffold import ScaffoldExtra, scaffold, scaffold_modified
+# Registers fedbuff, fedasync, fedqs_sgd/avg, fda, local_sgd, periodic_fedavgm/fedadam.
+from fedjax_sync.algorithms import timeline_registry  # noqa: E402,F401
+from fedjax_sync.algorithms.registry import TIMELINES, algorithm_timeline  # noqa: E402
 
 __all__ = [
     # The synchronous engine and the registry.
     'ClientOutput', 'Hyperparameters', 'algorithm_descriptions', 'algorithm_names',
     'build_algorithm', 'federated_algorithm', 'register_algorithm', 'round_metrics',
     'Hyperparameter', 'algorithm_hyperparameters', 'hyperparameter_values',
-    'resolve_hyperparameters',
+    'resolve_hyperparameters', 'TIMELINES', 'algorithm_timeline',
     # The FedAvg family.
     'fed_adagrad', 'fed_adam', 'fed_avg', 'fed_avg_m', 'fed_prox', 'fed_sgd', 'fed_yogi',
     'full_batch_gradient_update', 'local_training_update', 'server_adaptive',

@@ -52,6 +52,28 @@ class Hyperparameters:
   sagm_alpha: float = 0.001
   kappa: float = 0.005
   kappa_decay: float = 1.0
+  # Semi-asynchronous timeline (fedjax_sync.algorithms.fed_buff/fed_qs, simulate.semi_async).
+  buffer_size: int | None = None   # each algorithm's own: FedAsync 1, FedBuff and FedQS 10
+  max_staleness: int = 32
+  restart: str = 'new_model'
+  staleness_exponent: float = 0.5
+  example_weighted: bool = False
+  mixing: float = 0.6
+  fedqs_adjust_rate: float = 0.002
+  fedqs_max_factor: float = 9.0
+  fedqs_min_learning_rate: float = 1e-3
+  fedqs_max_learning_rate: float = 0.2
+  fedqs_momentum_base: float = 0.1
+  fedqs_momentum_speed: float = 20.0
+  fedqs_momentum_cap: float = 0.4
+  fedqs_feedback_base: float = math.e / 2
+  # Dynamic-averaging timeline (fedjax_sync.algorithms.fda, simulate.averaging).
+  num_workers: int = 5
+  threshold: float = 0.5
+  estimator: str = 'linear'
+  sync_period: int = 10
+  weighting: str = 'plain'
+  reset_optimizer_on_sync: bool = False
 
   def client_optimizer(self) -> optax.GradientTransformation:
     if self.client_momentum:
@@ -209,18 +231,28 @@ def client_and_server(server_default: float = 1.0) -> tuple[Hyperparameter, ...]
 Builder = Callable[..., Algorithm]
 
 
+# How simulated time advances for an algorithm, i.e. which driver runs what it builds:
+# synchronous rounds (`Algorithm`, `Simulator`), semi-asynchronous aggregations
+# (`AsyncAlgorithm`, `SemiAsyncSimulator`), dynamic averaging (`AveragingAlgorithm`,
+# `run_averaging`).
+SYNCHRONOUS, SEMI_ASYNC, AVERAGING = 'synchronous', 'semi_async', 'averaging'
+TIMELINES = (SYNCHRONOUS, SEMI_ASYNC, AVERAGING)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   builder: Builder
   description: str
   hyperparameters: tuple[Hyperparameter, ...]
+  timeline: str = SYNCHRONOUS
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_algorithm(name: str, builder: Builder, description: str,
-                       hyperparameters: Sequence[Hyperparameter] | None = None) -> None:
+                       hyperparameters: Sequence[Hyperparameter] | None = None,
+                       timeline: str = SYNCHRONOUS) -> None:
   """Registers `builder(loss_fn, hparams: Hyperparameters, **engine_kwargs) -> Algorithm`.
 
   Args:
@@ -232,9 +264,15 @@ def register_algorithm(name: str, builder: Builder, description: str,
       refuses every other key. A new kind of hyperparameter is a new field of
       `Hyperparameters`. None lists every field (for builders registered before
       lists existed; prefer an explicit list).
+    timeline: 'synchronous' (the builder returns an `Algorithm` for `Simulator`),
+      'semi_async' (an `AsyncAlgorithm` for `SemiAsyncSimulator`) or 'averaging'
+      (an `AveragingAlgorithm` for `run_averaging`).
   """
   if name in _REGISTRY:
     raise ValueError(f'algorithm {name!r} is already registered')
+  if timeline not in TIMELINES:
+    raise ValueError(f'algorithm {name!r}: unknown timeline {timeline!r}; valid: '
+                     f'{", ".join(TIMELINES)}')
   if hyperparameters is None:
     hyperparameters = ALL_SHARED
   hyperparameters = tuple(hyperparameters)
@@ -249,21 +287,33 @@ def register_algorithm(name: str, builder: Builder, description: str,
   duplicated = sorted({n for n in names if names.count(n) > 1})
   if duplicated:
     raise ValueError(f'algorithm {name!r}: hyperparameter(s) {", ".join(duplicated)} listed twice')
-  _REGISTRY[name] = _Entry(builder, description, hyperparameters)
+  _REGISTRY[name] = _Entry(builder, description, hyperparameters, timeline)
 
 
-def algorithm_names() -> list[str]:
-  return sorted(_REGISTRY)
+def algorithm_names(timeline: str | None = SYNCHRONOUS) -> list[str]:
+  """The registered names of one timeline (default: the synchronous algorithms, which
+  `Simulator` and `Sweep` run); `timeline=None` names every algorithm."""
+  if timeline is not None and timeline not in TIMELINES:
+    raise ValueError(f'unknown timeline {timeline!r}; valid: {", ".join(TIMELINES)}')
+  return sorted(k for k, v in _REGISTRY.items() if timeline is None or v.timeline == timeline)
 
 
-def algorithm_descriptions() -> dict[str, str]:
-  """`{name: description}`; each description names the method's paper."""
-  return {k: v.description for k, v in sorted(_REGISTRY.items())}
+def algorithm_descriptions(timeline: str | None = None) -> dict[str, str]:
+  """`{name: description}` of every algorithm (or of one timeline); each description
+  names the method's paper."""
+  return {k: v.description for k, v in sorted(_REGISTRY.items())
+          if timeline is None or v.timeline == timeline}
+
+
+def algorithm_timeline(name: str) -> str:
+  """'synchronous', 'semi_async' or 'averaging': the driver that runs algorithm `name`."""
+  return _entry(name).timeline
 
 
 def _entry(name: str) -> _Entry:
   if name not in _REGISTRY:
-    raise ValueError(f'unknown algorithm {name!r}; valid: {", ".join(algorithm_names())}')
+    raise ValueError(f'unknown algorithm {name!r}; valid: '
+                     f'{", ".join(algorithm_names(None))}')
   return _REGISTRY[name]
 
 
@@ -315,9 +365,22 @@ def hyperparameter_values(name: str, hparams: Hyperparameters) -> dict[str, Any]
 
 
 def build_algorithm(name: str, loss_fn: Callable, hparams: Hyperparameters = Hyperparameters(),
-                    **engine_kwargs) -> Algorithm:
-  """Builds a registered algorithm; `engine_kwargs` are e.g. aggregator, execution."""
-  return _entry(name).builder(loss_fn, _with_defaults(name, hparams), **engine_kwargs)
+                    *, timeline: str | None = SYNCHRONOUS, **engine_kwargs) -> Algorithm:
+  """Builds a registered algorithm; `engine_kwargs` are e.g. aggregator, execution.
+
+  `timeline` is the kind the caller's driver runs: by default a synchronous
+  `Algorithm`; an algorithm of another timeline is a ValueError naming its driver.
+  Pass 'semi_async' (`AsyncAlgorithm`), 'averaging' (`AveragingAlgorithm`) or None
+  (whatever `algorithm_timeline(name)` says).
+  """
+  entry = _entry(name)
+  if timeline is not None and entry.timeline != timeline:
+    drivers = {SYNCHRONOUS: 'Simulator', SEMI_ASYNC: 'SemiAsyncSimulator',
+               AVERAGING: 'run_averaging'}
+    raise ValueError(f'algorithm {name!r} runs on the {entry.timeline} timeline '
+                     f'({drivers[entry.timeline]}), not {timeline}; valid here: '
+                     f'{", ".join(algorithm_names(timeline))}')
+  return entry.builder(loss_fn, _with_defaults(name, hparams), **engine_kwargs)
 
 
 def _server_lr(h: Hyperparameters, default: float) -> float:

@@ -86,5 +86,13 @@ def test_sweep_validation(setup):
     Sweep(build, model, data, config, seeds=[0],
           execution=fs.ClientExecution('vmap', None, fs.client_mesh()))
   sweep = Sweep(build, model, data, config, seeds=[0], hyperparameters={'learning_rate': [0.1]})
-  with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['learning_rate'\]; valid: b1"):
+  with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['learning_rate'\] for "
+                                       r"algorithm 'fedavg'; valid: client_learning_rate, "
+                                       r"client_momentum, server_learning_rate"):
     sweep.init()
+  # A field of Hyperparameters that FedAvg does not read is refused too (it would be ignored).
+  sweep = Sweep(build, model, data, config, seeds=[0], hyperparameters={'tau': [0.1]})
+  with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['tau'\] for algorithm"):
+    sweep.init()
+  with pytest.raises(ValueError, match="unknown algorithm 'fedavgg'"):
+    registered_algorithm('fedavgg', model.loss)

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sync import sinks
-from fedjax_sync.algorithms.registry import Hyperparameters, build_algorithm
+from fedjax_sync.algorithms.registry import (Hyperparameters, algorithm_hyperparameters,
+                                             build_algorithm)
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.data.batching import make_client_batch, pad_clients, sample_clients, to_device
 from fedjax_sync.data.federated import FederatedData
@@ -62,13 +63,18 @@ def registered_algorithm(name: str, loss_fn: Callable, base: Hyperparameters = H
     loss_fn: per-example loss of the model.
     base: the fixed hyperparameters.
     **engine_kwargs: e.g. `aggregator=`, `num_clients=`, `execution=`.
+
+  The swept names must be hyperparameters of algorithm `name`
+  (`algorithm_hyperparameters(name)`, the `--hparam` keys): another field of
+  `Hyperparameters` would be ignored by the algorithm, so it is refused.
   """
-  fields = {f.name for f in dataclasses.fields(Hyperparameters)}
+  listed = [h.name for h in algorithm_hyperparameters(name)]   # unknown name: ValueError now
 
   def build(hyperparameters):
-    unknown = sorted(set(hyperparameters) - fields)
+    unknown = sorted(set(hyperparameters) - set(listed))
     if unknown:
-      raise ValueError(f'unknown hyperparameter(s) {unknown}; valid: {", ".join(sorted(fields))}')
+      raise ValueError(f'unknown hyperparameter(s) {unknown} for algorithm {name!r}; valid: '
+                       f'{", ".join(listed) or "none"}')
     return build_algorithm(name, loss_fn, dataclasses.replace(base, **hyperparameters),
                            **engine_kwargs)
 
@@ -197,7 +203,7 @@ class Sweep:
     try:
       yield
     except _TRACER_ERRORS as e:
-      culprits = self._untraceable_hyperparameters() or self._hyper_names
+      culprits = self.untraceable_hyperparameters() or self._hyper_names
       raise ValueError(
           f'cannot sweep {", ".join(map(repr, culprits))} in one compiled program: the '
           f'algorithm uses it as a Python value (control flow or a static shape), not as an '
@@ -205,18 +211,28 @@ class Sweep:
           f'Sweep (or Simulator) per value of {", ".join(map(repr, culprits))}, fixing it in '
           f'the base hyperparameters') from e
 
-  def _untraceable_hyperparameters(self) -> list[str]:
-    """The swept names that fail to trace on their own (the others held at Python floats)."""
+  def untraceable_hyperparameters(self, names: Sequence[str] | None = None) -> list[str]:
+    """The names that fail to trace as arrays, each probed alone (abstractly, no compile).
+
+    Args:
+      names: hyperparameters to probe (default: the swept ones); the swept others
+        are held at their first values as Python floats.
+
+    Returns:
+      Those of `names` that the algorithm uses as Python values (control flow, a
+      static shape), in the order given: they cannot be swept in one program.
+    """
+    names = list(self._hyper_names if names is None else names)
     first = {k: self.settings[0][k] for k in self._hyper_names}
     culprits = []
-    for name in self._hyper_names:
+    for name in names:
       def probe(run_key, value, name=name):
         algorithm = self.build({**first, name: value})
         state = algorithm.init(self.model.init(jax.random.fold_in(run_key, _INIT_INDEX)))
         batch, key = self._sample_round(run_key, 0)
         return algorithm.round(state, batch, key)
       try:
-        jax.eval_shape(probe, self._run_keys[0], jnp.asarray(first[name], jnp.float32))
+        jax.eval_shape(probe, self._run_keys[0], jnp.asarray(first.get(name, 0.5), jnp.float32))
       except _TRACER_ERRORS:
         culprits.append(name)
     return culprits
@@ -235,10 +251,14 @@ class Sweep:
     """Evaluation metrics of every simulation, stacked `[S, ...]`."""
     return jax.device_get(self._evaluate(states.params))
 
-  def run(self, states: ServerState, *, progress: bool = False) -> SweepResult:
+  def run(self, states: ServerState, *, progress: bool = False,
+          on_block: Callable[[int, list[list[dict[str, Any]]]], None] | None = None
+          ) -> SweepResult:
     """Runs all rounds of every simulation, evaluating every `config.eval_every` rounds.
 
     `states` is copied once before the first (donating) block, so it stays usable.
+    `on_block(rounds_done, new_rows)`, if given, is called after each block with each
+    simulation's rows of that block (`new_rows[s]`), e.g. to append them to files.
     """
     cfg = self.config
     histories: list[list[dict[str, Any]]] = [[] for _ in self.settings]
@@ -262,6 +282,7 @@ class Sweep:
         states, stacked = self.run_rounds(states, r, length)
         stacked = jax.device_get(stacked)
         evaluation = self.evaluate(states)
+        before = [len(h) for h in histories]
         for s, history in enumerate(histories):
           for i in range(length):
             row = {'round': r + i + 1, **self.settings[s]}
@@ -269,6 +290,8 @@ class Sweep:
             if i == length - 1:
               row.update({k: float(v[s]) for k, v in evaluation.items() if np.ndim(v) == 1})
             history.append(row)
+        if on_block is not None:
+          on_block(r + length, [h[n:] for h, n in zip(histories, before)])
         if bar is not None:
           rate = clock.after_block(length, compile_seconds, cfg.num_rounds - (r + length))
           bar.set_postfix_str(

@@ -172,7 +172,7 @@ def run_timeline(args, given: set[str], timeline: str) -> int:
     record['clock'] = clock_record(args)
     simulator = fs.SemiAsyncSimulator(algorithm, model, data, clock, config,
                                       execution=execution)
-    state = simulator.init()
+    state = simulator.init(initial_params(model, args.seed))
   else:
     record['simulation'] = {'num_steps': args.rounds, 'batch_size': args.batch_size,
                             'eval_every': args.eval_every, 'seed': args.seed,
@@ -191,7 +191,8 @@ def run_timeline(args, given: set[str], timeline: str) -> int:
     else:
       result = fs.simulate.run_averaging(
           algorithm, model, data, num_steps=args.rounds, batch_size=args.batch_size,
-          eval_every=args.eval_every, seed=args.seed, mesh=mesh)
+          eval_every=args.eval_every, seed=args.seed, mesh=mesh,
+          params=initial_params(model, args.seed))
       rows = averaging_rows(result)
       final = rows[-1]
       unit = f'local steps ({int(result.state.num_syncs)} synchronizations)'
@@ -208,6 +209,14 @@ def run_timeline(args, given: set[str], timeline: str) -> int:
           'metrics.jsonl', file=sys.stderr)
     return cli.NONFINITE_RUN
   return 0
+
+
+def initial_params(model, seed: int):
+  """The drivers' initial params (`model.init(fold_in(key(seed), 2**31 − 1))`), computed
+  as one compiled program rather than op by op (each eager op compiles on its own)."""
+  import jax
+
+  return jax.jit(model.init)(jax.random.fold_in(jax.random.key(seed), 2**31 - 1))
 
 
 def averaging_rows(result) -> list[dict]:

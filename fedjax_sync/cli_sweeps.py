@@ -31,7 +31,6 @@ from typing import Any, NamedTuple
 MEMBERS_DIR = 'members'
 # `Sweep` draws each member's keys from a seed in [0, 2**31).
 MAX_SWEEP_SEED = 2**31 - 1
-_SYNCHRONOUS = 'synchronous'   # the timeline `Sweep` runs
 
 
 def sweep_assignment(text: str) -> str:
@@ -63,11 +62,10 @@ def check_options(args) -> None:
   """Options a sweep cannot take yet: one-line errors, never silently ignored."""
   if not is_sweep(args):
     return
-  from fedjax_sync.algorithms import registry
-  timeline_of = getattr(registry, 'algorithm_timeline', None)   # the timeline kind, if recorded
-  timeline = timeline_of(args.algorithm) if timeline_of else _SYNCHRONOUS
-  if timeline != _SYNCHRONOUS:
-    synchronous = registry.algorithm_names(_SYNCHRONOUS)
+  from fedjax_sync.algorithms.registry import SYNCHRONOUS, algorithm_names, algorithm_timeline
+  timeline = algorithm_timeline(args.algorithm)
+  if timeline != SYNCHRONOUS:
+    synchronous = algorithm_names(SYNCHRONOUS)
     raise ValueError(f'{_sweep_flags(args)} with --algorithm {args.algorithm}: sweeps run the '
                      f'synchronous timeline only, and {args.algorithm} runs on the {timeline} '
                      f'timeline; valid: a synchronous algorithm ({", ".join(synchronous)}), or '

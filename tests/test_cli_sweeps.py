@@ -159,8 +159,6 @@ def test_a_resumed_sweep_directory_is_refused(sweep_dir, capsys):
   assert 'cannot be checkpointed yet, so there is nothing to resume' in err
 
 
-@pytest.mark.skipif(not hasattr(registry, 'algorithm_timeline'),
-                    reason='the registry records no timelines yet')
 def test_seeds_with_an_asynchronous_algorithm_name_the_synchronous_timeline(tmp_path, capsys):
   asynchronous = [n for n in registry.algorithm_names(None)
                   if registry.algorithm_timeline(n) != 'synchronous']

@@ -9,8 +9,10 @@ they mean for synchronous runs, and the run directory has the same `config.json`
 row per unit of the timeline with `round` = its 1-based index (a server
 aggregation, or an FDA local step, also named `aggregation` / `step`), the
 training metrics, and the evaluation metrics on the last row of each
-`--eval-every` block. Flags this path does not support are one-line errors naming
-the timeline, never silently ignored.
+`--eval-every` block (and, with `--tensorboard`, the same rows as event files).
+Flags this path does not support (checkpoints, `--resume`, `--seeds`/`--sweep`,
+`--clients-per-round`, and for FDA the clock and local-work flags) are one-line
+errors naming the timeline, never silently ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ CLOCK_FLAGS = ('clock', 'clock_sigma', 'speed_ratio', 'clock_jitter', 'dropout')
 _NOT_SUPPORTED = {
     'checkpoint_every': 'checkpoints are not implemented for this timeline yet',
     'resume': 'checkpoints (hence --resume) are not implemented for this timeline yet',
-    'tensorboard': 'only metrics.jsonl is written for this timeline',
     'seeds': 'seed sweeps run synchronous rounds only; run one --seed per run',
     'sweep': 'hyperparameter sweeps run synchronous rounds only',
     'quick': '--quick applies to --config studies',
@@ -108,7 +109,7 @@ def _limit(args, key: str, value: int, num_clients: int) -> None:
 def run_timeline(args, given: set[str], timeline: str) -> int:
   """Runs `args.algorithm` (semi_async or averaging timeline); the exit code."""
   import fedjax_sync as fs
-  from fedjax_sync import cli, reporting
+  from fedjax_sync import cli, reporting, sinks
   from fedjax_sync.algorithms.registry import (SEMI_ASYNC, build_algorithm,
                                                hyperparameter_values)
   from fedjax_sync.data.federated import data_fingerprint
@@ -197,6 +198,13 @@ def run_timeline(args, given: set[str], timeline: str) -> int:
       final = rows[-1]
       unit = f'local steps ({int(result.state.num_syncs)} synchronizations)'
     reporting.write_metrics(run_dir, rows)
+    if args.tensorboard:
+      events = sinks.TensorBoardWriter(run_dir)
+      try:
+        for row in rows:
+          events.write(row)
+      finally:
+        events.close()
   nonfinite = next((row['round'] for row in rows if first_nonfinite(row)), None)
   print(f'{args.algorithm} on {data.name}: test accuracy {float(final["test_accuracy"]):.4f}, '
         f'test loss {float(final["test_loss"]):.4f} after {args.rounds} {unit} '

@@ -86,7 +86,7 @@ def test_fedbuff_with_an_aggregator_writes_the_run_directory(tmp_path, capsys):
   argv = ['run', '--algorithm', 'fedbuff', *TINY, '--rounds', '2', '--eval-every', '2',
           '--local-steps', '1', '--hparam', 'buffer_size=2', '--hparam', 'staleness_exponent=1',
           '--aggregator', 'chain(clip_by_norm(1.0), weighted_mean())', '--clock', 'speed_ratio',
-          '--speed-ratio', '4', '--run-dir', run_dir]
+          '--speed-ratio', '4', '--tensorboard', '--run-dir', run_dir]
   assert cli.main(argv) == 0
   assert 'after 2 aggregations' in capsys.readouterr().out
   config = _config(run_dir)
@@ -104,6 +104,11 @@ def test_fedbuff_with_an_aggregator_writes_the_run_directory(tmp_path, capsys):
   assert math.isfinite(rows[-1]['test_loss']) and 'test_loss' not in rows[0]
   assert all(r['num_participants'] == 2 for r in rows)   # K = 2 updates each
   assert all(r['aggregator/0/clipped_fraction'] >= 0 for r in rows)
+  from fedjax_sync import sinks
+  (events_file,) = sinks.event_files(run_dir)
+  events = [e for e in sinks.read_events(events_file) if e['scalars']]
+  assert [e['step'] for e in events] == [1, 2]
+  assert events[1]['scalars']['test_loss'] == pytest.approx(rows[1]['test_loss'])
   # Times run from 1 to 4: the clock moves forward with every aggregation.
   assert 1.0 <= rows[0]['wall_clock'] < rows[1]['wall_clock'] <= 8.0
 

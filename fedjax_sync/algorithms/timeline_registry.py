@@ -118,7 +118,7 @@ register_algorithm(
 for _aggregation in ('sgd', 'avg'):
   register_algorithm(
       f'fedqs_{_aggregation}', (lambda aggregation: lambda loss, h, **kw: fed_qs(
-          loss, aggregation=aggregation, num_clients=kw['num_clients'],
+          loss, aggregation=aggregation, num_clients=kw.get('num_clients'),
           hparams=_fed_qs_constants(h), server_learning_rate=h.server_learning_rate,
           **_only(kw, 'aggregator')))(_aggregation),
       f'FedQS-{_aggregation.upper() if _aggregation == "sgd" else "Avg"}, semi-asynchronous client adaptation (NeurIPS 2025, '

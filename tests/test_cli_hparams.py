@@ -104,10 +104,10 @@ def test_bool_and_int_hyperparameters_parse_strictly():
 
 
 def test_registration_refuses_a_key_outside_the_shared_dataclass():
-  with pytest.raises(ValueError, match="'buffer_size' is not a field of Hyperparameters"):
+  with pytest.raises(ValueError, match="'num_leaders' is not a field of Hyperparameters"):
     registry.register_algorithm(
         'x_test_algorithm', lambda loss, h, **kw: None, 'test (arXiv 0000.00000)',
-        (registry.Hyperparameter('buffer_size', int, 10, 'K'),))
+        (registry.Hyperparameter('num_leaders', int, 10, 'K'),))
   assert 'x_test_algorithm' not in registry.algorithm_names()
 
 

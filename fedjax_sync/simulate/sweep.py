@@ -167,9 +167,15 @@ class Sweep:
 
   def init(self) -> ServerState:
     """Stacked `[S, ...]` initial states; simulation s's params are those of `Simulator.init`."""
+    # The params as `Simulator.init` draws them (op by op), then stacked: a vmapped (or
+    # jitted) model init batches the random draws into one program that XLA:CPU compiles
+    # slowly (8-13 s for a logistic regression in a vmapped init, 2026-11-30, loaded
+    # 2-core CPU). The algorithms' init, which reads the traced hyperparameters, is vmapped.
+    params = [self.model.init(jax.random.fold_in(self._run_keys[s], _INIT_INDEX))
+              for s in range(self.num_simulations)]
+    params = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
     if self._init is None:
-      def one(run_key, hypers):
-        params = self.model.init(jax.random.fold_in(run_key, _INIT_INDEX))
+      def one(params, hypers):
         algorithm = self.build(hypers)
         check_synchronous(algorithm, 'Sweep')
         state = algorithm.init(params)
@@ -177,7 +183,7 @@ class Sweep:
         return state
       self._init = jax.jit(jax.vmap(one))
     with self._traceable_hyperparameters():
-      return self._init(self._run_keys, self._hypers)
+      return self._init(params, self._hypers)
 
   def _block(self, states: ServerState, length: int) -> Callable:
     if length not in self._blocks:

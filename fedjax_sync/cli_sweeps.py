@@ -31,6 +31,9 @@ from typing import Any, NamedTuple
 MEMBERS_DIR = 'members'
 # `Sweep` draws each member's keys from a seed in [0, 2**31).
 MAX_SWEEP_SEED = 2**31 - 1
+# The clock and round-policy flags of `run` (a sweep takes none of them yet).
+_CLOCK_FLAGS = ('clock', 'clock_sigma', 'speed_ratio', 'clock_jitter', 'dropout', 'deadline',
+                'first_m', 'over_selection')
 
 
 def sweep_assignment(text: str) -> str:
@@ -81,6 +84,13 @@ def check_options(args) -> None:
   if getattr(args, 'shard', False):
     raise ValueError(f'--shard with {_sweep_flags(args)}: a sweep vmaps its members on one '
                      'device set and cannot shard clients; valid: drop --shard')
+  from fedjax_sync.cli import _flag, _run_options, build_parser
+  defaults = {dest: action.default for dest, action in _run_options(build_parser()).items()}
+  for dest in _CLOCK_FLAGS:
+    if dest in defaults and getattr(args, dest, defaults[dest]) != defaults[dest]:
+      raise ValueError(f'{_flag(dest)} with {_sweep_flags(args)}: sweeps do not simulate a '
+                       'clock or round policy yet (each seed would draw its own clock); valid: '
+                       f'drop {_flag(dest)}, or one fedjax-sync run per seed/value')
 
 
 class SweepPlan(NamedTuple):

@@ -88,9 +88,10 @@ def check_options(args) -> None:
   defaults = {dest: action.default for dest, action in _run_options(build_parser()).items()}
   for dest in _CLOCK_FLAGS:
     if dest in defaults and getattr(args, dest, defaults[dest]) != defaults[dest]:
-      raise ValueError(f'{_flag(dest)} with {_sweep_flags(args)}: sweeps do not simulate a '
-                       'clock or round policy yet (each seed would draw its own clock); valid: '
-                       f'drop {_flag(dest)}, or one fedjax-sync run per seed/value')
+      raise ValueError(f'{_flag(dest)} does not apply to --seeds/--sweep ({_sweep_flags(args)}): '
+                       'sweeps do not simulate a clock or round policy yet (each seed would draw '
+                       f'its own clock); valid: drop {_flag(dest)}, or one fedjax-sync run per '
+                       'seed/value')
 
 
 class SweepPlan(NamedTuple):

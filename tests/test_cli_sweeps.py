@@ -143,8 +143,8 @@ def test_an_untraceable_key_names_the_keys_that_can_be_swept(tmp_path, capsys):
     (['--seeds', '2', '--resume', 'somewhere'], '--resume with --seeds 2: sweeps (--seeds/--sweep) '
      'cannot be checkpointed yet'),
     (['--seeds', '2', '--shard'], '--shard with --seeds 2'),
-    (['--seeds', '2', '--dropout', '0.1'], '--dropout with --seeds 2: sweeps do not simulate a '
-     'clock or round policy yet'),
+    (['--seeds', '2', '--dropout', '0.1'], '--dropout does not apply to --seeds/--sweep '
+     '(--seeds 2): sweeps do not simulate a clock or round policy yet'),
     (['--seeds', '2', '--seed', str(2**31 - 1)], 'the last member seed would be 2147483648'),
     (['--sweep', 'client_learning_rate=0.1', '--config', 'x.py'], '--sweep does not apply to '
      '--config'),

@@ -238,11 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_clock_flags(run: argparse.ArgumentParser) -> None:
-  """The simulated clock of asynchronous runs (fedjax_sync.simulate.clock)."""
+  """The simulated clock and round policies (fedjax_sync.simulate.clock)."""
   from fedjax_sync.cli_timelines import CLOCKS
 
   run.add_argument('--clock', default='constant', choices=CLOCKS,
-                   help='asynchronous runs: job times of the clients: constant (1 each), '
+                   help='simulated job times of the clients: constant (1 each), '
                         'lognormal (median 1, --clock-sigma), speed_ratio (evenly from 1 to '
                         '--speed-ratio) (default constant)')
   run.add_argument('--clock-sigma', type=_non_negative_float, default=1.0,
@@ -250,9 +250,16 @@ def _add_clock_flags(run: argparse.ArgumentParser) -> None:
   run.add_argument('--speed-ratio', type=_speed_ratio, default=10.0,
                    help='slowest / fastest job time of --clock speed_ratio (default 10)')
   run.add_argument('--clock-jitter', type=_non_negative_float, default=0.0,
-                   help="asynchronous runs: σ of a per-job lognormal factor on each job's time")
+                   help="σ of a per-job lognormal factor on each job's time (default 0)")
   run.add_argument('--dropout', type=_probability, default=0.0,
-                   help='asynchronous runs: probability that a job is lost (default 0)')
+                   help='probability that a job is lost (default 0)')
+  run.add_argument('--deadline', type=_positive_float, default=None, metavar='D',
+                   help='synchronous rounds: aggregate what arrived by simulated time D')
+  run.add_argument('--first-m', type=_positive_int, default=None, metavar='M',
+                   help='synchronous rounds: aggregate the first M arrivals')
+  run.add_argument('--over-selection', type=_non_negative_float, default=None, metavar='F',
+                   help='synchronous rounds: sample ceil(C (1 + F)) clients, keep the first '
+                        'C = --clients-per-round arrivals')
 
 
 def _speed_ratio(text: str) -> float:
@@ -461,8 +468,10 @@ def _identity_options(args) -> dict:
   for dest in ('hparam', 'aggregator'):   # likewise: not given = the runs made before them
     if options.get(dest) is None:
       options.pop(dest, None)
-  for dest in ('clock', 'clock_sigma', 'speed_ratio', 'clock_jitter', 'dropout'):
-    options.pop(dest, None)   # asynchronous runs only (refused on synchronous ones)
+  from fedjax_sync.cli_timelines import CLOCK_DEFAULTS
+  for dest, default in CLOCK_DEFAULTS.items():   # likewise: no clock = the runs made before
+    if options.get(dest, default) == default:
+      options.pop(dest, None)
   return options
 
 
@@ -838,7 +847,9 @@ def _run(args, given: set[str] = frozenset()) -> int:
       raise
     raise ValueError(f'--aggregator {args.aggregator!r} with --algorithm {args.algorithm}: '
                      f'{_one_line(e)}') from None
-  config = fs.SimulationConfig(num_rounds=args.rounds, clients_per_round=args.clients_per_round,
+  # --clock/--dropout/--deadline/--first-m/--over-selection: stragglers get weight 0.
+  algorithm, sampled = cli_timelines.synchronous_clock(args, algorithm, data.num_clients)
+  config = fs.SimulationConfig(num_rounds=args.rounds, clients_per_round=sampled,
                                local_work=work, eval_every=args.eval_every, seed=args.seed)
   if sweep_plan is not None:   # --seeds/--sweep: every member in one vmapped program
     return cli_sweeps.run_sweep(
@@ -861,6 +872,7 @@ def _run(args, given: set[str] = frozenset()) -> int:
                  'data_fingerprint': fingerprint,
                  'hyperparameters': hyperparameter_values(args.algorithm, hparams),
                  'aggregator': args.aggregator,
+                 **cli_timelines.synchronous_clock_record(args),
                  'simulation': {**dataclasses.asdict(config), 'local_work': work._asdict()},
                  'execution': {'strategy': args.execution, 'chunk_size': args.chunk_size,
                                'devices': execution.num_shards},

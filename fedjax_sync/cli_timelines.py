@@ -28,6 +28,11 @@ import numpy as np
 # --clock NAME: how each client's job time is drawn (fedjax_sync.simulate.clock).
 CLOCKS = ('constant', 'lognormal', 'speed_ratio')
 CLOCK_FLAGS = ('clock', 'clock_sigma', 'speed_ratio', 'clock_jitter', 'dropout')
+# How a synchronous round ends (fedjax_sync.simulate.clock round policies).
+POLICY_FLAGS = ('deadline', 'first_m', 'over_selection')
+CLOCK_DEFAULTS = {'clock': 'constant', 'clock_sigma': 1.0, 'speed_ratio': 10.0,
+                  'clock_jitter': 0.0, 'dropout': 0.0, 'deadline': None, 'first_m': None,
+                  'over_selection': None}
 
 # Flags of synchronous runs that these timelines do not take, with the reason.
 _NOT_SUPPORTED = {
@@ -40,12 +45,15 @@ _NOT_SUPPORTED = {
 _NOT_FOR_ASYNC = {
     'clients_per_round': 'the server aggregates --hparam buffer_size=K updates; every client '
                          'is always training (concurrency = --num-clients)',
+    **{flag: 'round policies end synchronous rounds; the server aggregates every '
+             '--hparam buffer_size=K arrivals' for flag in POLICY_FLAGS},
 }
 _NOT_FOR_AVERAGING = {
     'clients_per_round': 'all --hparam num_workers=K workers train every step',
     'local_steps': 'FDA timelines take one local step per unit; --rounds counts steps',
     'local_epochs': 'FDA timelines take one local step per unit; --rounds counts steps',
-    **{flag: 'the dynamic-averaging timeline has no simulated clock' for flag in CLOCK_FLAGS},
+    **{flag: 'the dynamic-averaging timeline has no simulated clock'
+       for flag in CLOCK_FLAGS + POLICY_FLAGS},
 }
 
 
@@ -58,18 +66,25 @@ def check_flags(args, given: set[str], timeline: str) -> None:
   from fedjax_sync.algorithms.registry import SEMI_ASYNC, SYNCHRONOUS
 
   if timeline == SYNCHRONOUS:
-    for dest in CLOCK_FLAGS:
-      if dest in given:
-        raise ValueError(f'{_flag(dest)} applies to the semi_async timeline (--algorithm '
-                         f'fedbuff, fedasync, fedqs_sgd, fedqs_avg), not to --algorithm '
-                         f'{args.algorithm} (synchronous rounds)')
-    return
-  extra = _NOT_FOR_ASYNC if timeline == SEMI_ASYNC else _NOT_FOR_AVERAGING
-  for dest, why in {**_NOT_SUPPORTED, **extra}.items():
-    if dest in given and getattr(args, dest, None) not in (None, False):
-      raise ValueError(f'{_flag(dest)} does not apply to --algorithm {args.algorithm} (the '
-                       f'{timeline} timeline): {why}')
-  if timeline == SEMI_ASYNC:
+    used = [d for d in CLOCK_FLAGS + POLICY_FLAGS if d in given]
+    if used and (getattr(args, 'seeds', None) or getattr(args, 'sweep', None)):
+      raise ValueError(f'{_flag(used[0])} does not apply to --seeds/--sweep (the vmapped '
+                       'sweep runs without a simulated clock yet); valid: one run per seed')
+    policies = [d for d in POLICY_FLAGS if getattr(args, d, None) is not None]
+    if len(policies) > 1:
+      raise ValueError(f'{_flag(policies[0])} and {_flag(policies[1])} are two round '
+                       'policies; valid: one of --deadline, --first-m, --over-selection')
+    first = getattr(args, 'first_m', None)
+    if first is not None and first > args.clients_per_round:
+      raise ValueError(f'--first-m {first} exceeds --clients-per-round '
+                       f'{args.clients_per_round}; valid: --first-m ≤ {args.clients_per_round}')
+  else:
+    extra = _NOT_FOR_ASYNC if timeline == SEMI_ASYNC else _NOT_FOR_AVERAGING
+    for dest, why in {**_NOT_SUPPORTED, **extra}.items():
+      if dest in given and getattr(args, dest, None) not in (None, False):
+        raise ValueError(f'{_flag(dest)} does not apply to --algorithm {args.algorithm} (the '
+                         f'{timeline} timeline): {why}')
+  if timeline != 'averaging':
     clock = getattr(args, 'clock', 'constant')
     if 'clock_sigma' in given and clock != 'lognormal':
       raise ValueError(f'--clock-sigma applies to --clock lognormal, not {clock}')
@@ -88,6 +103,51 @@ def make_cli_clock(args, num_clients: int):
   else:
     times = clock_lib.speed_ratio_times(num_clients, args.speed_ratio, seed=args.seed)
   return clock_lib.make_clock(times, jitter=args.clock_jitter, dropout=args.dropout)
+
+
+def clock_in_use(args) -> bool:
+  """Whether the clock and policy flags ask for more than instant, always-there clients
+  waiting for each other (what a synchronous round without a clock computes)."""
+  return any(getattr(args, d, v) != v for d, v in CLOCK_DEFAULTS.items())
+
+
+def synchronous_clock(args, algorithm, num_clients: int):
+  """`(algorithm, clients to sample per round)`: the synchronous `algorithm` wrapped by
+  `with_clock` with the flags' clock and round policy (`--deadline D`, `--first-m M`,
+  `--over-selection F`: sample ⌈C (1 + F)⌉, keep the first C), or unchanged."""
+  from fedjax_sync.simulate import clock as clock_lib
+
+  if not clock_in_use(args):
+    return algorithm, args.clients_per_round
+  sampled, policy = args.clients_per_round, clock_lib.wait_for_all()
+  if args.deadline is not None:
+    policy = clock_lib.with_deadline(args.deadline)
+  elif args.first_m is not None:
+    policy = clock_lib.first_m(args.first_m)
+  elif args.over_selection is not None:
+    sampled, policy = clock_lib.over_selection(args.clients_per_round, args.over_selection)
+    if sampled > num_clients:
+      raise ValueError(f'--over-selection {args.over_selection} samples {sampled} clients per '
+                       f'round, more than the {num_clients} clients of the data; valid: '
+                       f'--clients-per-round × (1 + F) ≤ {num_clients}')
+  clock = make_cli_clock(args, num_clients)
+  return clock_lib.with_clock(algorithm, clock, policy), sampled
+
+
+def synchronous_clock_record(args) -> dict:
+  """`{'clock': ..., 'round_policy': ...}` for a synchronous run's config.json (empty
+  without a clock)."""
+  if not clock_in_use(args):
+    return {}
+  policy = {'kind': 'wait_all'}
+  if args.deadline is not None:
+    policy = {'kind': 'deadline', 'deadline': args.deadline}
+  elif args.first_m is not None:
+    policy = {'kind': 'first_m', 'min_updates': args.first_m}
+  elif args.over_selection is not None:
+    policy = {'kind': 'over_selection', 'fraction': args.over_selection,
+              'keeps_first': args.clients_per_round}
+  return {'clock': clock_record(args), 'round_policy': policy}
 
 
 def clock_record(args) -> dict:

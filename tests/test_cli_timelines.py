@@ -153,8 +153,16 @@ def test_a_bad_hparam_of_an_async_algorithm_names_the_valid_ones(tmp_path, capsy
      '--local-steps does not apply to --algorithm fda (the averaging timeline)'),
     (['--algorithm', 'local_sgd', '--dropout', '0.1'],
      '--dropout does not apply to --algorithm local_sgd (the averaging timeline)'),
-    (['--algorithm', 'fedavg', '--clock', 'lognormal'],
-     '--clock applies to the semi_async timeline'),
+    (['--algorithm', 'local_sgd', '--deadline', '2'],
+     '--deadline does not apply to --algorithm local_sgd (the averaging timeline)'),
+    (['--algorithm', 'fedasync', '--first-m', '2'],
+     '--first-m does not apply to --algorithm fedasync (the semi_async timeline)'),
+    (['--algorithm', 'fedavg', '--deadline', '2', '--first-m', '2'],
+     '--deadline and --first-m are two round policies'),
+    (['--algorithm', 'fedavg', '--clock', 'lognormal', '--seeds', '2'],
+     '--clock does not apply to --seeds/--sweep'),
+    (['--algorithm', 'fedavg', '--clients-per-round', '3', '--over-selection', '0.5'],
+     '--over-selection 0.5 samples 5 clients per round, more than the 4 clients'),
     (['--algorithm', 'fedbuff', '--speed-ratio', '3'],
      '--speed-ratio applies to --clock speed_ratio, not constant'),
     (['--algorithm', 'fedbuff', '--hparam', 'buffer_size=9'],
@@ -168,3 +176,51 @@ def test_flags_that_do_not_apply_to_the_timeline_are_one_line_errors(argv, expec
 def test_resume_of_an_async_run_is_refused(tmp_path, capsys):
   err = _error(['run', '--algorithm', 'fedbuff', '--resume', str(tmp_path)], capsys)
   assert '--resume does not apply to --algorithm fedbuff' in err
+
+
+def test_round_policy_flags_wrap_the_synchronous_algorithm():
+  from fedjax_sync import cli_timelines
+
+  def parse(*flags):
+    return cli.build_parser().parse_args(['run', '--clients-per-round', '4', *flags])
+
+  algorithm = registry.build_algorithm('fedavg', lambda *a: 0.0)
+  assert cli_timelines.synchronous_clock(parse(), algorithm, 10) == (algorithm, 4)
+  wrapped, sampled = cli_timelines.synchronous_clock(parse('--over-selection', '0.5'),
+                                                     algorithm, 10)
+  assert sampled == 6 and wrapped.name == 'fedavg+clock'
+  assert cli_timelines.synchronous_clock_record(parse('--over-selection', '0.5'))[
+      'round_policy'] == {'kind': 'over_selection', 'fraction': 0.5, 'keeps_first': 4}
+  record = cli_timelines.synchronous_clock_record(parse('--clock', 'lognormal', '--first-m', '3'))
+  assert record['round_policy'] == {'kind': 'first_m', 'min_updates': 3}
+  assert record['clock'] == {'model': 'lognormal', 'sigma': 1.0, 'jitter': 0.0, 'dropout': 0.0,
+                             'seed': 0}
+  assert cli_timelines.synchronous_clock_record(parse()) == {}
+
+
+@pytest.mark.slow
+def test_a_synchronous_run_with_a_deadline_drops_the_late_clients(tmp_path):
+  # Job times evenly from 1 to 4 over the 4 clients (1, 2, 3, 4 in some order); all 4
+  # sampled every round; a deadline of 2.5 keeps exactly the two fastest.
+  run_dir = str(tmp_path / 'deadline')
+  argv = ['run', '--algorithm', 'fedavg', *TINY, '--clients-per-round', '4', '--rounds', '2',
+          '--eval-every', '2', '--local-steps', '1', '--clock', 'speed_ratio', '--speed-ratio',
+          '4', '--deadline', '2.5', '--run-dir', run_dir]
+  assert cli.main(argv) == 0
+  config = _config(run_dir)
+  assert config['round_policy'] == {'kind': 'deadline', 'deadline': 2.5}
+  assert config['clock']['model'] == 'speed_ratio' and config['clock']['ratio'] == 4.0
+  rows = _rows(run_dir)
+  assert [(r['num_arrived'], r['num_late'], r['round_time']) for r in rows] == [(2, 2, 2.5)] * 2
+  assert all(math.isfinite(r['train_loss']) for r in rows)
+  assert 'round_policy' not in _config_of_plain_run(tmp_path)
+
+
+def _config_of_plain_run(tmp_path):
+  """config.json of a synchronous run without clock flags (written before any round)."""
+  from fedjax_sync import cli_timelines
+  args = cli.build_parser().parse_args(['run', '--dropout', '0'])
+  assert not cli_timelines.clock_in_use(args)
+  options = cli._identity_options(args)   # checkpoints made before the clock flags resume
+  assert not set(options) & set(cli_timelines.CLOCK_DEFAULTS)
+  return cli_timelines.synchronous_clock_record(args)

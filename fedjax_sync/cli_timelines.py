@@ -213,7 +213,8 @@ def run_timeline(args, given: set[str], timeline: str) -> int:
 
   record = {'command': 'run', 'algorithm': args.algorithm, 'timeline': timeline,
             'dataset': args.dataset, 'model': model_name, 'num_clients': data.num_clients,
-            'data_seed': args.data_seed, 'partition': cli._partition_record(partition),  # noqa: SLF001
+            'data_seed': args.data_seed,
+            'partition': cli._partition_record(partition),   # noqa: SLF001
             'data_fingerprint': fingerprint,
             'hyperparameters': hyperparameter_values(args.algorithm, hparams),
             'aggregator': args.aggregator,

@@ -121,8 +121,8 @@ for _aggregation in ('sgd', 'avg'):
           loss, aggregation=aggregation, num_clients=kw.get('num_clients'),
           hparams=_fed_qs_constants(h), server_learning_rate=h.server_learning_rate,
           **_only(kw, 'aggregator')))(_aggregation),
-      f'FedQS-{_aggregation.upper() if _aggregation == "sgd" else "Avg"}, semi-asynchronous client adaptation (NeurIPS 2025, '
-      'arXiv 2510.07664)',
+      f'FedQS-{"SGD" if _aggregation == "sgd" else "Avg"}, semi-asynchronous client '
+      'adaptation (NeurIPS 2025, arXiv 2510.07664)',
       (Hyperparameter('client_learning_rate', float, 0.01, 'initial client learning rate η_0 '
                       '(the paper: 0.1), then adapted per client', minimum=0.0,
                       exclusive_minimum=True),)

@@ -27,6 +27,8 @@ import struct
 import time
 from typing import Any, Iterator, Mapping
 
+from fedjax_sync.protobuf_wire import encode_varint, length_delimited, message_fields
+
 # -- CRC-32C (Castagnoli), reflected polynomial 0x82F63B78 --------------------------
 
 def _crc32c_table() -> tuple[int, ...]:
@@ -89,75 +91,28 @@ def read_tfrecords(path: str) -> Iterator[bytes]:
 
 # -- protocol buffer encoding of the few fields used ---------------------------------
 
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(byte | 0x80)
-    else:
-      out.append(byte)
-      return bytes(out)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
 def encode_event(wall_time: float, step: int, *, scalars: Mapping[str, float] | None = None,
                  file_version: str | None = None) -> bytes:
   """A serialized `Event` with `wall_time`, `step` and either scalars or a file version."""
   if step < 0:
     raise ValueError(f'step must be >= 0, got {step}')
-  out = bytearray(_varint(1 << 3 | 1) + struct.pack('<d', wall_time))
-  out += _varint(2 << 3 | 0) + _varint(int(step))
+  out = bytearray(encode_varint(1 << 3 | 1) + struct.pack('<d', wall_time))
+  out += encode_varint(2 << 3 | 0) + encode_varint(int(step))
   if file_version is not None:
-    out += _length_delimited(3, file_version.encode())
+    out += length_delimited(3, file_version.encode())
   if scalars:
     summary = b''.join(
-        _length_delimited(1, _length_delimited(1, tag.encode())
-                          + _varint(2 << 3 | 5) + struct.pack('<f', float(value)))
+        length_delimited(1, length_delimited(1, tag.encode())
+                          + encode_varint(2 << 3 | 5) + struct.pack('<f', float(value)))
         for tag, value in scalars.items())
-    out += _length_delimited(5, summary)
+    out += length_delimited(5, summary)
   return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-  shift = result = 0
-  while True:
-    byte = data[pos]
-    pos += 1
-    result |= (byte & 0x7F) << shift
-    shift += 7
-    if not byte & 0x80:
-      return result, pos
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int, Any]]:
-  """`(field number, wire type, value)` of a serialized message (wire types 0, 1, 2, 5)."""
-  pos = 0
-  while pos < len(data):
-    key, pos = _read_varint(data, pos)
-    field, wire = key >> 3, key & 7
-    if wire == 0:
-      value, pos = _read_varint(data, pos)
-    elif wire == 1:
-      value, pos = data[pos:pos + 8], pos + 8
-    elif wire == 2:
-      length, pos = _read_varint(data, pos)
-      value, pos = data[pos:pos + length], pos + length
-    elif wire == 5:
-      value, pos = data[pos:pos + 4], pos + 4
-    else:
-      raise ValueError(f'unsupported protocol buffer wire type {wire}')
-    yield field, wire, value
 
 
 def decode_event(data: bytes) -> dict[str, Any]:
   """`{'wall_time', 'step', 'file_version'?, 'scalars': {tag: value}}` of a serialized Event."""
   event: dict[str, Any] = {'wall_time': 0.0, 'step': 0, 'scalars': {}}
-  for field, _, value in _fields(data):
+  for field, _, value in message_fields(data):
     if field == 1:
       event['wall_time'] = struct.unpack('<d', value)[0]
     elif field == 2:
@@ -165,11 +120,11 @@ def decode_event(data: bytes) -> dict[str, Any]:
     elif field == 3:
       event['file_version'] = value.decode()
     elif field == 5:
-      for f, _, summary_value in _fields(value):
+      for f, _, summary_value in message_fields(value):
         if f != 1:
           continue
         tag, simple = None, None
-        for vf, _, v in _fields(summary_value):
+        for vf, _, v in message_fields(summary_value):
           if vf == 1:
             tag = v.decode()
           elif vf == 2:

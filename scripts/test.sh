@@ -7,4 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install --quiet --upgrade pip
 fi
 .venv/bin/pip install --quiet -e '.[test,digits,h5]'
-exec .venv/bin/python -m pytest -q "$@"
+# One pytest worker per CPU core (pytest-xdist): most of the suite's time is XLA
+# compilation, which runs on one core per process. FEDJAX_SYNC_TEST_WORKERS=0 runs
+# in one process.
+exec .venv/bin/python -m pytest -q -n "${FEDJAX_SYNC_TEST_WORKERS:-auto}" "$@"

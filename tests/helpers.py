@@ -35,3 +35,36 @@ def init_params(d=5, k=3, seed=1, dtype=None):
   rng = np.random.default_rng(seed)
   return {'w': jnp.asarray(rng.normal(size=(d, k)) * 0.1, dtype),
           'b': jnp.asarray(rng.normal(size=(k,)) * 0.1, dtype)}
+
+
+# --- A run directory and the CLI's one-line errors ------------------------------------------
+
+
+def run_rows(run_dir):
+  """The rows of a run directory's metrics.jsonl."""
+  import json
+  import os
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def run_config(run_dir):
+  """A run directory's config.json."""
+  import json
+  import os
+  with open(os.path.join(run_dir, 'config.json')) as f:
+    return json.load(f)
+
+
+def cli_error(argv, capsys):
+  """The one error line of a failing `fedjax-sync` invocation (exit 2, in-process or argparse)."""
+  from fedjax_sync import cli
+  capsys.readouterr()
+  try:
+    code = cli.main(argv)
+  except SystemExit as exit_info:
+    code = exit_info.code
+  assert code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  return err

@@ -7,8 +7,6 @@ the CLI checks: the settings are checked in config.json, in what reaches
 """
 
 import dataclasses
-import json
-import os
 
 import pytest
 
@@ -16,32 +14,10 @@ import fedjax_sync as fs
 from fedjax_sync import cli
 from fedjax_sync.algorithms import registry
 from fedjax_sync.algorithms.registry import build_algorithm
+from tests.helpers import cli_error as _error, run_config as _config, run_rows as _rows
 
 TINY = ['--rounds', '2', '--num-clients', '4', '--clients-per-round', '2', '--local-steps', '2',
         '--batch-size', '5', '--eval-every', '2', '--quiet']
-
-
-def _rows(run_dir):
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def _config(run_dir):
-  with open(os.path.join(run_dir, 'config.json')) as f:
-    return json.load(f)
-
-
-def _error(argv, capsys):
-  """The one error line of a failing invocation (exit 2, in-process or from argparse)."""
-  capsys.readouterr()
-  try:
-    code = cli.main(argv)
-  except SystemExit as exit_info:
-    code = exit_info.code
-  assert code == 2
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1, err
-  return err
 
 
 # --- The registry's lists ---------------------------------------------------------------------

@@ -7,7 +7,6 @@ local SGD step from the same initial model and batches, the update of learning r
 taken before the step, is the same). The errors need no compilation.
 """
 
-import json
 import os
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 from fedjax_sync import cli
 from fedjax_sync.algorithms import registry
 from fedjax_sync.cli_sweeps import member_label, member_run_dirs
+from tests.helpers import cli_error as _error, run_config as _config, run_rows as _rows
 
 TINY = ['--rounds', '1', '--num-clients', '6', '--clients-per-round', '3', '--local-steps', '1',
         '--batch-size', '5', '--eval-every', '1', '--execution', 'vmap', '--quiet']
@@ -23,31 +23,8 @@ SWEEP = ['--seed', '1', '--seeds', '3', '--sweep', 'client_learning_rate=0.05, 0
 LABELS = [f'client_learning_rate={lr},seed={s}' for s in (1, 2, 3) for lr in (0.05, 0.1)]
 
 
-def _rows(run_dir):
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def _config(run_dir):
-  with open(os.path.join(run_dir, 'config.json')) as f:
-    return json.load(f)
-
-
 def _member(run_dir, label):
   return os.path.join(run_dir, 'members', label)
-
-
-def _error(argv, capsys):
-  """The one error line of a failing invocation (exit 2, in-process or from argparse)."""
-  capsys.readouterr()
-  try:
-    code = cli.main(argv)
-  except SystemExit as exit_info:
-    code = exit_info.code
-  assert code == 2
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1, err
-  return err
 
 
 @pytest.fixture(scope='module')

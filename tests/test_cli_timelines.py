@@ -5,7 +5,6 @@ Two tiny runs (4 clients, logistic regression on Synthetic) check the run direct
 the rest are argument errors, refused before any data is loaded or compiled.
 """
 
-import json
 import math
 import os
 
@@ -13,33 +12,11 @@ import pytest
 
 from fedjax_sync import cli
 from fedjax_sync.algorithms import registry
+from tests.helpers import cli_error as _error, run_config as _config, run_rows as _rows
 
 ASYNC = ['fedasync', 'fedbuff', 'fedqs_avg', 'fedqs_sgd']
 AVERAGING = ['fda', 'local_sgd', 'periodic_fedadam', 'periodic_fedavgm']
 TINY = ['--num-clients', '4', '--batch-size', '4', '--execution', 'vmap', '--quiet']
-
-
-def _rows(run_dir):
-  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def _config(run_dir):
-  with open(os.path.join(run_dir, 'config.json')) as f:
-    return json.load(f)
-
-
-def _error(argv, capsys):
-  """The one error line of a failing invocation (exit 2, in-process or from argparse)."""
-  capsys.readouterr()
-  try:
-    code = cli.main(argv)
-  except SystemExit as exit_info:
-    code = exit_info.code
-  assert code == 2
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1, err
-  return err
 
 
 def test_the_registry_records_each_algorithm_timeline():

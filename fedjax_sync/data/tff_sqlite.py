@@ -22,49 +22,12 @@ examples at a time.
 from __future__ import annotations
 
 import sqlite3
-from typing import Iterator
-
 import numpy as np
+
+from fedjax_sync.protobuf_wire import message_fields as _fields, read_varint as _varint
 
 TABLE = 'examples'
 COLUMNS = ('split_name', 'client_id', 'serialized_example_proto')
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-  result = shift = 0
-  while True:
-    if pos >= len(buf):
-      raise ValueError('protobuf ends inside a varint')
-    b = buf[pos]
-    pos += 1
-    result |= (b & 0x7F) << shift
-    if not b & 0x80:
-      return result, pos
-    shift += 7
-    if shift > 63:
-      raise ValueError('protobuf varint longer than 10 bytes')
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
-  """`(field number, wire type, value)` of one message; value: int or bytes."""
-  pos = 0
-  while pos < len(buf):
-    key, pos = _varint(buf, pos)
-    field, wire = key >> 3, key & 7
-    if wire == 0:
-      value, pos = _varint(buf, pos)
-    elif wire == 1:
-      value, pos = buf[pos:pos + 8], pos + 8
-    elif wire == 2:
-      size, pos = _varint(buf, pos)
-      value, pos = buf[pos:pos + size], pos + size
-    elif wire == 5:
-      value, pos = buf[pos:pos + 4], pos + 4
-    else:
-      raise ValueError(f'unsupported protobuf wire type {wire} (field {field})')
-    if pos > len(buf):
-      raise ValueError(f'protobuf field {field} runs past the end of the message')
-    yield field, wire, value
 
 
 def _signed64(v: int) -> int:

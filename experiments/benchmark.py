@@ -390,9 +390,9 @@ def benchmark_workload(name: str, *, warmup: int = 2, repeats: int = 5, settle: 
   if with_limit:
     calls['limit'], compile_s['limit'], temp_mb['limit'], flops = _limit_call(model, params,
                                                                              batch, key)
-    if model_name in SEQUENCE_MODELS:
+    if model_name == 'char_lstm':
       # XLA's cost analysis counts a while loop's body once: the recurrence over the
-      # sequence (and a transformer's scanned layers) would be undercounted ~T-fold.
+      # sequence's T positions would be undercounted T-fold.
       flops = None
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   auto = fs.clients.resolve_strategy('auto', None, (batch.mask,), client_bytes=param_bytes)

@@ -25,8 +25,11 @@ import optax
 
 from fedjax_sync.algorithms.fed_avg import fed_avg, fed_avg_m, fed_prox
 from fedjax_sync.algorithms.fed_opt import fed_adagrad, fed_adam, fed_yogi
+from fedjax_sync.algorithms.fed_qs import FedQSHyperparameters
 from fedjax_sync.algorithms.fed_sgd import fed_sgd
 from fedjax_sync.types import Algorithm
+
+_FEDQS = FedQSHyperparameters()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +62,15 @@ class Hyperparameters:
   staleness_exponent: float = 0.5
   example_weighted: bool = False
   mixing: float = 0.6
-  fedqs_adjust_rate: float = 0.002
-  fedqs_max_factor: float = 9.0
-  fedqs_min_learning_rate: float = 1e-3
-  fedqs_max_learning_rate: float = 0.2
-  fedqs_momentum_base: float = 0.1
-  fedqs_momentum_speed: float = 20.0
-  fedqs_momentum_cap: float = 0.4
-  fedqs_feedback_base: float = math.e / 2
+  # FedQS's constants default to the paper's (`FedQSHyperparameters`), not copies of them.
+  fedqs_adjust_rate: float = _FEDQS.adjust_rate
+  fedqs_max_factor: float = _FEDQS.max_factor
+  fedqs_min_learning_rate: float = _FEDQS.min_learning_rate
+  fedqs_max_learning_rate: float = _FEDQS.max_learning_rate
+  fedqs_momentum_base: float = _FEDQS.momentum_base
+  fedqs_momentum_speed: float = _FEDQS.momentum_speed
+  fedqs_momentum_cap: float = _FEDQS.momentum_cap
+  fedqs_feedback_base: float = _FEDQS.feedback_base
   # Dynamic-averaging timeline (fedjax_sync.algorithms.fda, simulate.averaging).
   num_workers: int = 5
   threshold: float = 0.5

@@ -109,7 +109,7 @@ def test_global_statistics_agree_with_make_evaluator():
   ours = personalized_evaluator(MODEL, data, steps=0, learning_rate=0.1, batch_size=4)(
       _params(), jax.random.key(0))
   theirs = make_evaluator(MODEL.evaluate, data)(_params())
-  for name in ('client_accuracy_mean', 'client_accuracy_worst_decile'):
+  for name in ('client_accuracy_mean', 'client_accuracy_median', 'client_accuracy_worst_decile'):
     np.testing.assert_allclose(ours[name], theirs[name], atol=1e-6)
   np.testing.assert_allclose(ours['client_accuracy'], theirs['client_accuracy'], atol=1e-6)
 

@@ -35,7 +35,8 @@ def make_evaluator(evaluate_fn: Callable, data: FederatedData, *, chunk_size: in
   Returns `test_loss`, `test_accuracy` on the global test set and, with
   `per_client`, `client_accuracy` `[N]` on each client's own test split (or on its
   training data when the dataset has no per-client test split),
-  `client_accuracy_mean`, `client_accuracy_var` (across clients with data) and
+  `client_accuracy_mean`, `client_accuracy_var`, `client_accuracy_median` (across
+  clients with data) and
   `client_accuracy_worst_decile` (mean accuracy of the worst 10% of clients).
 
   Args:
@@ -98,7 +99,7 @@ def make_evaluator(evaluate_fn: Callable, data: FederatedData, *, chunk_size: in
       decile = jnp.maximum(1, jnp.floor(k / 10)).astype(jnp.int32)
       worst = jnp.sum(jnp.where(jnp.arange(num_clients) < decile, sorted_acc, 0.0)) / decile
       out.update(client_accuracy=acc, client_accuracy_mean=mean, client_accuracy_var=var,
-                 client_accuracy_worst_decile=worst)
+                 client_accuracy_median=jnp.nanmedian(acc), client_accuracy_worst_decile=worst)
     return out
 
   return evaluate

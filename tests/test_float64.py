@@ -323,6 +323,9 @@ def _reference_run(name):
 
 # FedBN needs a stateful (batch-norm) flax model, which this quadratic has not.
 NOT_ON_A_QUADRATIC = {'fedbn'}
+# Checked against float64 numpy oracles of their papers' rounds (and their float64 state
+# dtypes) in tests/test_fairness_drift_algorithms.py.
+NOT_ON_A_QUADRATIC |= {'afl', 'feddyn', 'fednova', 'mime', 'mimelite', 'qffl'}
 ON_A_QUADRATIC = ('fedadagrad', 'fedadam', 'fedavg', 'fedavgm', 'fedgh', 'fedprox', 'fedsagm',
                   'fedsam', 'fedsgd', 'fedyogi', 'kuramoto_fedavg', 'kuramoto_fedavg_code',
                   'scaffold', 'scaffold_modified')

@@ -12,6 +12,17 @@ from fedjax_sync.algorithms.fda import (AveragingAlgorithm, AveragingResult, Ave
 from fedjax_sync.algorithms.fda_estimators import VarianceEstimator
 from fedjax_sync.algorithms.fed_avg import fed_avg, fed_avg_m, fed_prox, local_training_update
 from fedjax_sync.algorithms.fed_bn import fed_bn, local_part, personalized_params
+# Personalization (issue 16): Ditto, FedPer, FedRep.
+from fedjax_sync.algorithms.ditto import ditto, personal_model
+from fedjax_sync.algorithms.fed_per import fed_per, head_part, head_paths, output_layer
+from fedjax_sync.algorithms.fed_rep import fed_rep, partial_training
+# Personalized and clustered (issue 16): APFL, pFedMe, Per-FedAvg, IFCA, HypCluster.
+from fedjax_sync.algorithms.apfl import APFLClientState, apfl
+from fedjax_sync.algorithms.hypcluster import hyp_cluster
+from fedjax_sync.algorithms.ifca import (ClusterState, client_models, clustered_algorithm, ifca,
+                                         initial_clusters)
+from fedjax_sync.algorithms.per_fed_avg import per_fed_avg
+from fedjax_sync.algorithms.pfedme import pfedme
 from fedjax_sync.algorithms.fed_buff import (async_local_update, fed_async, fed_buff,
                                              polynomial_staleness)
 from fedjax_sync.algorithms.fed_gh import fed_gh
@@ -28,6 +39,12 @@ from fedjax_sync.algorithms.registry import (Hyperparameter, Hyperparameters,
                                              hyperparameter_values, register_algorithm,
                                              resolve_hyperparameters)
 from fedjax_sync.algorithms.scaffold import ScaffoldExtra, scaffold, scaffold_modified
+# Fairness and client drift: q-FFL, AFL, FedNova, FedDyn, Mime/MimeLite.
+from fedjax_sync.algorithms.afl import AFLExtra, afl, project_to_simplex
+from fedjax_sync.algorithms.fed_dyn import FedDynExtra, fed_dyn
+from fedjax_sync.algorithms.fed_nova import fed_nova
+from fedjax_sync.algorithms.mime import MimeExtra, mime, mime_lite
+from fedjax_sync.algorithms.q_ffl import q_ffl
 # Registers fedbuff, fedasync, fedqs_sgd/avg, fda, local_sgd, periodic_fedavgm/fedadam.
 from fedjax_sync.algorithms import timeline_registry  # noqa: E402,F401
 from fedjax_sync.algorithms.registry import TIMELINES, algorithm_timeline  # noqa: E402
@@ -44,8 +61,17 @@ __all__ = [
     # Client drift.
     'ScaffoldExtra', 'fed_gh', 'fed_sagm', 'fed_sam', 'kuramoto_fedavg', 'scaffold',
     'scaffold_modified', 'sharpness',
+    # Fairness and client drift (issue 16).
+    'AFLExtra', 'FedDynExtra', 'MimeExtra', 'afl', 'fed_dyn', 'fed_nova', 'mime', 'mime_lite',
+    'project_to_simplex', 'q_ffl',
     # Feature shift: local batch normalization (FedBN).
     'fed_bn', 'local_part', 'personalized_params',
+    # Personal models and heads: Ditto, FedPer, FedRep.
+    'ditto', 'fed_per', 'fed_rep', 'head_part', 'head_paths', 'output_layer',
+    'partial_training', 'personal_model',
+    # Personalized and clustered.
+    'APFLClientState', 'ClusterState', 'apfl', 'client_models', 'clustered_algorithm',
+    'hyp_cluster', 'ifca', 'initial_clusters', 'per_fed_avg', 'pfedme',
     # Federated Dynamic Averaging and periodic step-level baselines.
     'AveragingAlgorithm', 'AveragingResult', 'AveragingState', 'VarianceEstimator',
     'dynamic_averaging', 'fda', 'local_sgd', 'periodic_fed_adam', 'periodic_fed_avg_m',

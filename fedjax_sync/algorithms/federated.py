@@ -21,7 +21,7 @@ import optax
 from fedjax_sync import communication
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import (Aggregator, aggregator_metrics, compute_dtype,
-                                          validate_aggregator, weighted_mean)
+                                          validate_aggregator, weighted_mean, weighted_sum_via)
 from fedjax_sync.clients.execution import (ClientExecution, map_clients, map_reduce_clients,
                                            replicate, shard_client_axis)
 from fedjax_sync.types import Algorithm, ClientBatch, Params, PyTree, ServerState
@@ -47,6 +47,24 @@ class ClientOutput(NamedTuple):
 ClientUpdate = Callable[[Params, PyTree, PyTree, PyTree, jax.Array, jax.Array], ClientOutput]
 
 
+class Combination(NamedTuple):
+  """How an algorithm combines its clients' updates when the weights depend on what the
+  clients returned (q-FFL's losses, FedNova's step counts) or on server state (AFL's
+  domain weights, FedDyn's h): the aggregate is
+  `weighted_sum_via(aggregator, updates, weights, normalizer=normalizer) + offset`,
+  i.e. `Σ_c weights[c] · u_c / normalizer + offset` for `weighted_mean()`.
+
+  Attributes:
+    weights: `[C]` non-negative weights (0: the client adds nothing).
+    normalizer: scalar denominator of the weighted sum.
+    offset: a params-shaped term added to the aggregate, or None.
+  """
+
+  weights: jax.Array
+  normalizer: jax.Array
+  offset: Params | None = None
+
+
 def federated_algorithm(client_update: ClientUpdate, *,
                         server_optimizer: optax.GradientTransformation,
                         aggregator: Aggregator | None = None,
@@ -54,6 +72,7 @@ def federated_algorithm(client_update: ClientUpdate, *,
                         init_client_state: Callable[[Params], PyTree] | None = None,
                         init_extra: Callable[[Params], PyTree] | None = None,
                         update_extra: Callable[..., PyTree] | None = None,
+                        combine: Callable[..., Combination] | None = None,
                         execution: ClientExecution = ClientExecution(),
                         name: str = 'federated') -> Algorithm:
   """Builds an `Algorithm` from a client update, an aggregator and a server optimizer.
@@ -69,6 +88,11 @@ def federated_algorithm(client_update: ClientUpdate, *,
     init_extra: the algorithm's extra server state from the params.
     update_extra: `(extra, aux [C, ...], batch, num_clients) -> extra`, after the
       server step.
+    combine: `(aux [C, ...], batch, extra) -> Combination`, the weights of an
+      algorithm whose aggregation depends on its clients' outputs or its server
+      state (None: the aggregator weighs by `batch.weight`). `batch.weight` is 0 for
+      absent clients and for clients whose outputs are not finite (these are left
+      out of the combination and counted in `nonfinite_updates`).
     execution: client execution strategy and optional device mesh.
     name: the algorithm's name.
   """
@@ -110,13 +134,7 @@ def federated_algorithm(client_update: ClientUpdate, *,
     outputs: ClientOutput = map_clients(one_client, inputs, execution,
                                         client_bytes=communication.model_bytes(state.params))
 
-    aggregate, aggregator_state = aggregator.apply(
-        outputs.update, batch.weight, state.aggregator_state, aggregator_key, batch.client_ids)
-    server_updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, server_updates)
-
-    new_client_states = state.client_states
-    if init_client_state is not None or update_extra is not None:
+    if init_client_state is not None or update_extra is not None or combine is not None:
       # Persistent state never takes in a non-finite client output: such a client is
       # absent (weight 0) for the scatter and the server's bookkeeping, so one diverged
       # client (zeroed by `zero_invalid_updates`) cannot poison later rounds.
@@ -124,6 +142,16 @@ def federated_algorithm(client_update: ClientUpdate, *,
           (outputs.update, outputs.state, outputs.aux))
       kept_batch = batch._replace(weight=jnp.where(accepted, batch.weight,
                                                    jnp.zeros_like(batch.weight)))
+    if combine is None:
+      aggregate, aggregator_state = aggregator.apply(
+          outputs.update, batch.weight, state.aggregator_state, aggregator_key, batch.client_ids)
+    else:
+      aggregate, aggregator_state = _combined(combine(outputs.aux, kept_batch, extra), outputs,
+                                              kept_batch, state.aggregator_state, aggregator_key)
+    server_updates, opt_state = server_optimizer.update(aggregate, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, server_updates)
+
+    new_client_states = state.client_states
     if init_client_state is not None:
       new_client_states = tree_lib.scatter_clients(
           state.client_states, batch.client_ids, outputs.state, accepted)
@@ -137,12 +165,23 @@ def federated_algorithm(client_update: ClientUpdate, *,
                             extra=new_extra, round=state.round + 1)
     return new_state, metrics
 
+  def _combined(combination: Combination, outputs: ClientOutput, kept_batch: ClientBatch,
+                aggregator_state, key):
+    weights = jnp.where(kept_batch.weight > 0, combination.weights,
+                        jnp.zeros_like(combination.weights))
+    aggregate, aggregator_state = weighted_sum_via(
+        aggregator, outputs.update, weights, aggregator_state, key, kept_batch.client_ids,
+        normalizer=combination.normalizer)
+    if combination.offset is not None:
+      aggregate = jax.tree.map(lambda a, o: a + o.astype(a.dtype), aggregate, combination.offset)
+    return aggregate, aggregator_state
+
   # A linear weighted-mean aggregator and no per-client or auxiliary state: updates
   # are summed as the clients produce them (one client, or one chunk, at a time with
   # 'sequential' and 'chunked'), never all [C, d] at once. Measured on the MLP
   # round (docs/performance.md): streaming made 'sequential' 1.4x faster on CPU.
-  streaming = (aggregator.name == 'weighted_mean'
-               and init_client_state is None and update_extra is None)
+  streaming = (aggregator.name == 'weighted_mean' and init_client_state is None
+               and update_extra is None and combine is None)
 
   def _streamed_round(state, batch, inputs, one_client):
     # Normalized in the params' precision: float32 weights would cap a float64 run's

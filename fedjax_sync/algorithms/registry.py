@@ -71,6 +71,17 @@ class Hyperparameters:
   fedqs_momentum_speed: float = _FEDQS.momentum_speed
   fedqs_momentum_cap: float = _FEDQS.momentum_cap
   fedqs_feedback_base: float = _FEDQS.feedback_base
+  # Personalized and clustered methods (fedjax_sync.algorithms.apfl/pfedme/per_fed_avg/ifca/
+  # hypcluster; their Hyperparameter entries live in those modules).
+  apfl_alpha: float = 0.25
+  apfl_adaptive_alpha: bool = True
+  pfedme_lambda: float = 15.0
+  pfedme_inner_steps: int = 5
+  pfedme_personal_learning_rate: float = 0.05
+  perfedavg_alpha: float = 0.01
+  perfedavg_variant: str = 'fo'
+  num_clusters: int = 2
+  cluster_init_scale: float = 1.0
   # Dynamic-averaging timeline (fedjax_sync.algorithms.fda, simulate.averaging).
   num_workers: int = 5
   threshold: float = 0.5
@@ -78,6 +89,15 @@ class Hyperparameters:
   sync_period: int = 10
   weighting: str = 'plain'
   reset_optimizer_on_sync: bool = False
+  # Personalization (fedjax_sync.algorithms.ditto/fed_per/fed_rep).
+  ditto_lambda: float = 0.1
+  head_pattern: str = ''           # FedPer/FedRep personal layers (regex on the path; '': output)
+  head_epochs: int = 10            # FedRep τ_h: passes training the head before the body
+  # Fairness and client drift (fedjax_sync.algorithms.q_ffl/afl/fed_dyn; fednova, mime and
+  # mimelite read the client and server fields above).
+  q: float = 1.0
+  domain_learning_rate: float = 0.1
+  feddyn_alpha: float = 0.01
 
   def client_optimizer(self) -> optax.GradientTransformation:
     if self.client_momentum:
@@ -214,6 +234,14 @@ KAPPA = Hyperparameter('kappa', float, 0.005, 'coupling strength κ0', minimum=0
                        exclusive_minimum=True)
 KAPPA_DECAY = Hyperparameter('kappa_decay', float, 1.0, 'coupling schedule κ_t = κ0 · decay^t',
                              minimum=0.0, exclusive_minimum=True)
+# Fairness and client drift (q-FFL, AFL, FedDyn).
+Q_FAIRNESS = Hyperparameter('q', float, 1.0, 'q-FFL fairness exponent q (0: mean of local models)',
+                            minimum=0.0)
+DOMAIN_LEARNING_RATE = Hyperparameter(
+    'domain_learning_rate', float, 0.1, 'AFL step size γ_λ of the domain-weight ascent',
+    minimum=0.0)
+FEDDYN_ALPHA = Hyperparameter('feddyn_alpha', float, 0.01, 'FedDyn regularization α',
+                              minimum=0.0, exclusive_minimum=True)
 
 
 def server_learning_rate(default: float | None) -> Hyperparameter:

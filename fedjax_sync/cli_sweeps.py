@@ -200,7 +200,7 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
   from fedjax_sync import reporting, sinks
   from fedjax_sync.algorithms.registry import hyperparameter_values
   from fedjax_sync.cli import NONFINITE_RUN, _model_error
-  from fedjax_sync.simulate.rounds import first_nonfinite
+  from fedjax_sync.simulate.driver import first_nonfinite
   from fedjax_sync.simulate.sweep import _TRACER_ERRORS, Sweep, registered_algorithm
 
   build = registered_algorithm(args.algorithm, model.loss, hparams,

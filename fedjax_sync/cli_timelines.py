@@ -174,7 +174,7 @@ def run_timeline(args, given: set[str], timeline: str) -> int:
                                                hyperparameter_values)
   from fedjax_sync.data.federated import data_fingerprint
   from fedjax_sync.data.registry import default_model
-  from fedjax_sync.simulate.rounds import first_nonfinite, warn_nonfinite
+  from fedjax_sync.simulate.driver import first_nonfinite, warn_nonfinite
 
   check_flags(args, given, timeline)
   default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')

@@ -10,23 +10,20 @@ resuming from round r (with the state of round r) reproduces the same run.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import time
-import warnings
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedjax_sync import reporting, sinks
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.data.batching import (LocalWork, make_client_batch, pad_clients, sample_clients,
                                        to_device)
 from fedjax_sync.data.federated import FederatedData
+# Moved to the one driver; these names stay importable from here.
+from fedjax_sync.simulate.driver import (DIVERGENCE_METRICS, block_schedule, check_alive,  # noqa: F401
+                                         distinct_buffers, drive, first_nonfinite,
+                                         fresh_buffers, warn_nonfinite)
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
 from fedjax_sync.types import Algorithm, Params, ServerState
@@ -74,101 +71,6 @@ class SimulationResult(NamedTuple):
   run_seconds: float
   # The first round whose loss or update norm is NaN or Inf (a warning names it), else None.
   nonfinite_round: int | None = None
-
-
-# Metrics whose NaN or Inf means the run has diverged.
-DIVERGENCE_METRICS = ('train_loss', 'update_norm', 'test_loss')
-
-
-def first_nonfinite(row: dict[str, Any]) -> str | None:
-  """The first of `DIVERGENCE_METRICS` in `row` that is NaN or Inf, else None."""
-  for key in DIVERGENCE_METRICS:
-    value = row.get(key)
-    if isinstance(value, (int, float)) and not math.isfinite(value):
-      return key
-  return None
-
-
-def warn_nonfinite(round_index: int, key: str, value) -> None:
-  """The console warning of a run that became non-finite at `round_index`."""
-  warnings.warn(f'round {round_index}: {key} is {value}: the run became non-finite (the model '
-                'diverged or a client sent NaN/Inf); try a smaller learning rate, '
-                'clip_by_norm or zero_invalid_updates', RuntimeWarning, stacklevel=3)
-
-
-def block_schedule(start: int, total: int, eval_every: int,
-                   block_every: int | None = None) -> Iterator[tuple[int, int, bool]]:
-  """The compiled blocks a driver runs: `(first round, length, ends at an evaluation)`.
-
-  A block ends at every multiple of `eval_every` (an evaluation), of `block_every`
-  (e.g. checkpoints) and at `total`. Rounds are counted from 0; `start` rounds are
-  already done. Shared by `Simulator`, `Sweep` and `SemiAsyncSimulator` (which
-  counts aggregations instead of rounds).
-  """
-  r = start
-  while r < total:
-    length = min(eval_every - r % eval_every, total - r)
-    if block_every:
-      length = min(length, block_every - r % block_every)
-    end = r + length
-    yield r, length, end % eval_every == 0 or end == total
-    r = end
-
-
-def fresh_buffers(state):
-  """A copy of `state` whose array leaves are new, pairwise distinct buffers.
-
-  The drivers donate the state to their compiled blocks, and donation fails
-  (`Attempt to donate the same buffer twice`) when two leaves share a buffer, which
-  happens whenever an `init` returns one array twice (`step=z, fallbacks=z`) or a
-  jitted `init` returns equal constants. Copying once before the first block makes
-  donation safe for any state, and leaves the caller's `state` alive.
-  """
-  check_alive(state)
-  return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
-                      state)
-
-
-def check_alive(state) -> None:
-  """Raises a `ValueError` naming the cause when a leaf of `state` was donated already."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    if isinstance(leaf, jax.Array) and leaf.is_deleted():
-      raise ValueError(
-          f'the state leaf {jax.tree_util.keystr(path)} was deleted: it was donated to an '
-          'earlier run_rounds/run_aggregations call; pass the state that call returned')
-
-
-def distinct_buffers(state):
-  """`state` with any repeated array leaf copied, so that the state can be donated."""
-  check_alive(state)
-  seen = set()
-
-  def one(x):
-    if not isinstance(x, jax.Array):
-      return x
-    if id(x) in seen:
-      return jnp.array(x, copy=True)
-    seen.add(id(x))
-    return x
-
-  return jax.tree.map(one, state)
-
-
-def _scalar_metrics(stacked: dict[str, np.ndarray], index: int) -> dict[str, float]:
-  row = {}
-  for k, v in stacked.items():
-    x = v[index]
-    if np.ndim(x) == 0:
-      row[k] = float(x)
-  return row
-
-
-def _to_json(value):
-  if isinstance(value, (np.floating, np.integer)):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  return value
 
 
 class Simulator:
@@ -255,7 +157,8 @@ class Simulator:
 
   def run(self, state: ServerState, *, start_round: int = 0, run_dir: str | None = None,
           progress: bool = True, on_block: Callable | None = None,
-          block_every: int | None = None, tensorboard: bool = False) -> SimulationResult:
+          block_every: int | None = None, tensorboard: bool = False,
+          evaluation_hooks: Sequence[Callable] = ()) -> SimulationResult:
     """Runs the remaining rounds from `start_round`, evaluating every `eval_every`.
 
     Args:
@@ -275,79 +178,43 @@ class Simulator:
         (e.g. to checkpoint).
       block_every: also end a compiled block at every multiple of this many rounds
         (checkpoint boundaries); evaluation still happens every `eval_every` only.
+      evaluation_hooks: `hook(state, rounds_done) -> {name: value}` merged into
+        every evaluation (e.g. `personalized_evaluation`).
+
+    The loop is the one driver's (`fedjax_sync.simulate.driver.drive`), shared by
+    every timeline.
     """
-    cfg = self.config
-    history: list[dict[str, Any]] = []
-    if tensorboard and not run_dir:
-      raise ValueError('tensorboard=True writes event files into run_dir; pass run_dir too')
-    metrics_file = reporting.open_metrics(run_dir, start_round) if run_dir else None
-    events = sinks.TensorBoardWriter(run_dir) if tensorboard else None
-    bar = None
-    if progress:
-      from tqdm.auto import tqdm
-      bar = tqdm(total=cfg.num_rounds, initial=start_round, unit='round', dynamic_ncols=True,
-                 bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]',
-                 postfix=sinks.format_rate(None, None))
-    compile_seconds = 0.0
-    started = time.perf_counter()
-    clock = sinks.BlockClock()
-    last_eval = ''
-    evaluation: dict[str, Any] = {}
-    state = fresh_buffers(state)
-    nonfinite_round = None
-    try:
-      for r, length, evaluate_now in block_schedule(start_round, cfg.num_rounds, cfg.eval_every,
-                                                    block_every):
-        if length not in self._blocks:
-          t0 = time.perf_counter()
-          self._block(state, length)
-          compile_seconds += time.perf_counter() - t0
-        state, stacked = self.run_rounds(state, r, length)
-        stacked = jax.device_get(stacked)
-        evaluation = self.evaluate(state.params, state.client_states) if evaluate_now else {}
-        for i in range(length):
-          row = {'round': r + i + 1, **_scalar_metrics(stacked, i)}
-          if i == length - 1:
-            row.update({k: _to_json(v) for k, v in evaluation.items() if np.ndim(v) == 0})
-          history.append(row)
-          if nonfinite_round is None and first_nonfinite(row):
-            nonfinite_round = r + i + 1
-            key = first_nonfinite(row)
-            warn_nonfinite(nonfinite_round, key, row[key])
-          if metrics_file:
-            metrics_file.write(reporting.metrics_line(row))
-          if events is not None:
-            events.write(row)
-        if metrics_file:
-          metrics_file.flush()
-        if events is not None:
-          events.flush()
-        if bar is not None:
-          rate = clock.after_block(length, compile_seconds, cfg.num_rounds - (r + length))
-          if evaluation:
-            last_eval = (f"acc={float(evaluation['test_accuracy']):.4f}, "
-                         f"loss={float(evaluation['test_loss']):.4f}, ")
-          bar.set_postfix_str(last_eval + rate, refresh=False)
-          bar.update(length)
-        if on_block is not None:
-          on_block(state, r + length, history)
-    finally:
-      if bar is not None:
-        bar.close()
-      if metrics_file:
-        metrics_file.close()
-      if events is not None:
-        events.close()
-    if not evaluation:
-      evaluation = self.evaluate(state.params, state.client_states)
-    if nonfinite_round is None and history and first_nonfinite(
-        {k: float(v) for k, v in evaluation.items() if np.ndim(v) == 0}):
-      nonfinite_round = history[-1]['round']
-      warn_nonfinite(nonfinite_round, 'test_loss', evaluation['test_loss'])
-    return SimulationResult(state=state, history=history, final_eval=evaluation,
-                            compile_seconds=compile_seconds,
-                            run_seconds=time.perf_counter() - started - compile_seconds,
-                            nonfinite_round=nonfinite_round)
+    result = drive(self, fresh_buffers(state), start=start_round, run_dirs=run_dir,
+                   progress=progress, tensorboard=tensorboard, on_block=on_block,
+                   block_every=block_every, evaluation_hooks=evaluation_hooks)
+    return SimulationResult(state=result.state, history=result.histories[0],
+                            final_eval=result.final_evals[0],
+                            compile_seconds=result.compile_seconds,
+                            run_seconds=result.run_seconds, nonfinite_round=result.nonfinite[0])
+
+  # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
+  unit = 'round'
+  members = None
+
+  @property
+  def num_units(self) -> int:
+    return self.config.num_rounds
+
+  @property
+  def eval_every(self) -> int:
+    return self.config.eval_every
+
+  def is_compiled(self, length: int) -> bool:
+    return length in self._blocks
+
+  def compile(self, state: ServerState, length: int) -> None:
+    self._block(state, length)
+
+  def run_units(self, state: ServerState, start: int, length: int):
+    return self.run_rounds(state, start, length)
+
+  def evaluate_state(self, state: ServerState) -> dict[str, Any]:
+    return self.evaluate(state.params, state.client_states)
 
 
 def rounds_to_reach(history: list[dict[str, Any]], target: float,

@@ -38,12 +38,10 @@ with full participation round for round (tested).
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjax_sync import communication
@@ -53,7 +51,7 @@ from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.clock import ClientClock, job_available, job_times
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_asynchronous, check_population
-from fedjax_sync.simulate.rounds import block_schedule, distinct_buffers, fresh_buffers
+from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers
 from fedjax_sync.types import ClientBatch, Params, PyTree, ServerState
 
 RESTARTS = ('new_model', 'current_model')
@@ -378,33 +376,63 @@ class SemiAsyncSimulator:
   def evaluate(self, params: Params) -> dict[str, Any]:
     return jax.device_get(self._evaluate(params))
 
-  def run(self, state: AsyncState, *, evaluate: bool = True) -> AsyncResult:
-    """Runs the configured aggregations; rows have 'aggregation', 'wall_clock' and
-    scalar metrics, plus 'test_accuracy' / 'test_loss' every `eval_every`. `state` is
-    copied once before the first (donating) block, so it stays usable."""
+  def run(self, state: AsyncState, *, start_round: int | None = None,
+          run_dir: str | None = None, progress: bool = False, tensorboard: bool = False,
+          on_block: Callable | None = None, block_every: int | None = None,
+          evaluation_hooks: Sequence[Callable] = (), evaluate: bool = True) -> AsyncResult:
+    """Runs the configured aggregations through the one driver (`simulate.driver.drive`).
+
+    Rows have 'aggregation' (= 'round', the driver's unit counter), 'wall_clock' and
+    the scalar metrics, plus 'test_accuracy' / 'test_loss' every `eval_every`.
+    `state` is copied once before the first (donating) block, so it stays usable.
+
+    Args:
+      state: the state after `start_round` aggregations.
+      start_round: aggregations already done (default: `state.server.round`).
+      run_dir, progress, tensorboard, on_block, block_every, evaluation_hooks: as
+        `Simulator.run` (metrics.jsonl, TensorBoard events, progress bar,
+        checkpoint hooks, extra evaluation).
+      evaluate: evaluate the global model after each block (False: training only).
+    """
+    start = int(state.server.round) if start_round is None else start_round
+    result = drive(self, fresh_buffers(state), start=start, run_dirs=run_dir,
+                   progress=progress, tensorboard=tensorboard, on_block=on_block,
+                   block_every=block_every, evaluation_hooks=evaluation_hooks,
+                   evaluate=evaluate)
+    return AsyncResult(state=result.state, history=result.histories[0],
+                       final_eval=result.final_evals[0] if evaluate else {},
+                       compile_seconds=result.compile_seconds, run_seconds=result.run_seconds)
+
+  # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
+  unit = 'aggregation'
+  members = None
+
+  @property
+  def num_units(self) -> int:
+    return self.config.num_aggregations
+
+  @property
+  def eval_every(self) -> int:
+    return self.config.eval_every
+
+  def is_compiled(self, length: int) -> bool:
+    return length in self._blocks
+
+  def compile(self, state: AsyncState, length: int) -> None:
+    self._block(state, length)
+
+  def run_units(self, state: AsyncState, start: int, length: int):
+    del start   # the version counter in the state is the position
+    return self.run_aggregations(state, length)
+
+  def evaluate_state(self, state: AsyncState) -> dict[str, Any]:
+    return self.evaluate(state.server.params)
+
+  def identity(self) -> dict[str, Any]:
+    """What a checkpoint must agree with to continue this run."""
     cfg = self.config
-    history: list[dict[str, Any]] = []
-    compile_seconds, started = 0.0, time.perf_counter()
-    evaluation: dict[str, Any] = {}
-    state = fresh_buffers(state)
-    for done, length, _ in block_schedule(int(state.server.round), cfg.num_aggregations,
-                                          cfg.eval_every):
-      if length not in self._blocks:
-        t0 = time.perf_counter()
-        self._block(state, length)
-        compile_seconds += time.perf_counter() - t0
-      state, stacked = self.run_aggregations(state, length)
-      stacked = jax.device_get(stacked)
-      if evaluate:
-        evaluation = self.evaluate(state.server.params)
-      for i in range(length):
-        row = {'aggregation': done + i + 1}
-        row.update({k: float(v[i]) for k, v in stacked.items() if np.ndim(v[i]) == 0})
-        if i == length - 1 and evaluate:
-          row.update({k: float(v) for k, v in evaluation.items() if np.ndim(v) == 0})
-        history.append(row)
-    if evaluate and not evaluation:
-      evaluation = self.evaluate(state.server.params)
-    return AsyncResult(state=state, history=history, final_eval=evaluation,
-                       compile_seconds=compile_seconds,
-                       run_seconds=time.perf_counter() - started - compile_seconds)
+    return {'algorithm': self.algorithm.name, 'dataset': getattr(self.data, 'name', None),
+            'num_clients': int(self.data.num_clients), 'seed': cfg.seed,
+            'timeline': 'semi_async', 'buffer_size': cfg.buffer_size,
+            'local_work': list(cfg.local_work), 'max_staleness': cfg.max_staleness,
+            'restart': cfg.restart}

@@ -326,9 +326,12 @@ NOT_ON_A_QUADRATIC = {'fedbn'}
 # Checked against float64 numpy oracles of their papers' rounds (and their float64 state
 # dtypes) in tests/test_fairness_drift_algorithms.py.
 NOT_ON_A_QUADRATIC |= {'afl', 'feddyn', 'fednova', 'mime', 'mimelite', 'qffl'}
-ON_A_QUADRATIC = ('fedadagrad', 'fedadam', 'fedavg', 'fedavgm', 'fedgh', 'fedprox', 'fedsagm',
-                  'fedsam', 'fedsgd', 'fedyogi', 'kuramoto_fedavg', 'kuramoto_fedavg_code',
-                  'scaffold', 'scaffold_modified')
+# One leaf has no body/head split: numpy oracles in tests/test_ditto_fedper_fedrep.py.
+NOT_ON_A_QUADRATIC |= {'fedper', 'fedrep'}
+# Ditto's global model is FedAvg's (its personal models: tests/test_ditto_fedper_fedrep.py).
+ON_A_QUADRATIC = ('ditto', 'fedadagrad', 'fedadam', 'fedavg', 'fedavgm', 'fedgh', 'fedprox',
+                  'fedsagm', 'fedsam', 'fedsgd', 'fedyogi', 'kuramoto_fedavg',
+                  'kuramoto_fedavg_code', 'scaffold', 'scaffold_modified')
 
 
 def test_every_registered_algorithm_is_covered():
@@ -340,7 +343,8 @@ def test_every_registered_algorithm_is_covered():
 def test_registered_algorithm_matches_float64_reference(name):
   expected = _reference_run(name)
   with jax.enable_x64(True):
-    kwargs = {'num_clients': POPULATION} if name.startswith('scaffold') else {}
+    kwargs = ({'num_clients': POPULATION} if name.startswith('scaffold') or name == 'ditto'
+              else {})
     algorithm = build_algorithm(name, _quadratic_loss, HPARAMS, **kwargs)
     state = algorithm.init({'w': jnp.asarray(np.linspace(-1.0, 1.0, D))})
     step = jax.jit(algorithm.round)

@@ -54,7 +54,8 @@ def personal_model(params: Params, client_state: PyTree) -> Params:
 
 
 def ditto_update(loss_fn: Callable, client_optimizer: optax.GradientTransformation, *,
-                 ditto_lambda: float, personal_optimizer: optax.GradientTransformation | None = None,
+                 ditto_lambda: float,
+                 personal_optimizer: optax.GradientTransformation | None = None,
                  unroll: int | bool = 1):
   """Ditto's client update: FedAvg's (same pseudo-gradient, same key), then the personal
   model's steps on `F_k(v) + (λ/2)‖v − w^t‖²`; the new v_k is the client's state."""

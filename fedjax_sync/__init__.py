@@ -16,7 +16,8 @@ from fedjax_sync.algorithms import (ClientOutput, Hyperparameters, build_algorit
                                     scaffold)
 from fedjax_sync.clients import ClientExecution, client_mesh, make_local_step, make_local_training
 from fedjax_sync.data import FederatedData, LocalWork, synthetic
-from fedjax_sync.simulate import SemiAsyncSimulator, SimulationConfig, Simulator, Sweep
+from fedjax_sync.simulate import (AveragingSimulator, SemiAsyncSimulator, SimulationConfig,
+                                  Simulator, Sweep, drive)
 from fedjax_sync.types import Algorithm, ClientBatch, ServerState
 
 __version__ = '0.1.0'
@@ -31,8 +32,8 @@ __all__ = [
     # Engine.
     'build_algorithm', 'chain', 'client_mesh', 'federated_algorithm', 'make_local_step',
     'make_local_training', 'mean', 'synthetic', 'weighted_mean',
-    # Drivers.
-    'SemiAsyncSimulator', 'Simulator', 'Sweep', 'run_averaging',
+    # The one driver and its timelines.
+    'AveragingSimulator', 'SemiAsyncSimulator', 'Simulator', 'Sweep', 'drive', 'run_averaging',
     # Algorithms.
     'fed_adagrad', 'fed_adam', 'fed_avg', 'fed_avg_m', 'fed_bn', 'fed_buff', 'fed_gh', 'fed_prox',
     'fed_qs_avg', 'fed_qs_sgd', 'fed_sagm', 'fed_sam', 'fed_sgd', 'fed_yogi', 'kuramoto_fedavg',

@@ -29,7 +29,7 @@ A runner provides:
   num_units: int                # total units of the run
   eval_every: int               # units between evaluations
   members: int | None           # S for a sweep, None for one simulation
-  is_compiled(length) -> bool
+  is_compiled(state, length) -> bool
   compile(state, length)        # compiles the block of `length` units
   run_units(state, start, length) -> (state, stacked metrics)   # donates `state`
   evaluate_state(state) -> dict # host values ([S] arrays for a sweep)
@@ -68,7 +68,7 @@ class Runner(Protocol):
   eval_every: int
   members: int | None
 
-  def is_compiled(self, length: int) -> bool: ...
+  def is_compiled(self, state, length: int) -> bool: ...
 
   def compile(self, state, length: int) -> None: ...
 
@@ -276,7 +276,7 @@ def drive(runner: Runner, state, *, start: int = 0,
     last_eval = ''
     for r, length, evaluate_now in block_schedule(start, runner.num_units, runner.eval_every,
                                                   block_every):
-      if not runner.is_compiled(length):
+      if not runner.is_compiled(state, length):
         t0 = time.perf_counter()
         runner.compile(state, length)
         compile_seconds += time.perf_counter() - t0

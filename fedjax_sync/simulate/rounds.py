@@ -204,7 +204,7 @@ class Simulator:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, length: int) -> bool:
+  def is_compiled(self, state, length: int) -> bool:
     return length in self._blocks
 
   def compile(self, state: ServerState, length: int) -> None:

@@ -415,7 +415,7 @@ class SemiAsyncSimulator:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, length: int) -> bool:
+  def is_compiled(self, state, length: int) -> bool:
     return length in self._blocks
 
   def compile(self, state: AsyncState, length: int) -> None:

@@ -326,6 +326,9 @@ NOT_ON_A_QUADRATIC = {'fedbn'}
 # Checked against float64 numpy oracles of their papers' rounds (and their float64 state
 # dtypes) in tests/test_fairness_drift_algorithms.py.
 NOT_ON_A_QUADRATIC |= {'afl', 'feddyn', 'fednova', 'mime', 'mimelite', 'qffl'}
+# Checked in float64 against numpy oracles of their papers' rounds on a linear model (and
+# for float32 leaks in their state) in tests/test_personalized_algorithms.py.
+NOT_ON_A_QUADRATIC |= {'apfl', 'hypcluster', 'ifca', 'perfedavg', 'pfedme'}
 # One leaf has no body/head split: numpy oracles in tests/test_ditto_fedper_fedrep.py.
 NOT_ON_A_QUADRATIC |= {'fedper', 'fedrep'}
 # Ditto's global model is FedAvg's (its personal models: tests/test_ditto_fedper_fedrep.py).

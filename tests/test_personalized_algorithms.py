@@ -3,7 +3,10 @@ updates on a tiny linear-regression model; IFCA/HypCluster with one cluster ≡ 
 
 The model is `ŷ = x·w + b` with per-example loss `½(ŷ − y)²`; with θ = [w; b] and
 X̃ = [X, 1] the masked batch gradient is `X̃ᵀ(X̃θ − y)/n` and the Hessian `X̃ᵀX̃/n`,
-so every oracle below is a few lines of numpy in float64.
+so every oracle below is a few lines of numpy in float64. Every test runs with
+`jax_enable_x64` (float64 params and data), so a round agrees with its oracle to
+~1e-12 and a float32 scalar on the way (≈1e-8 error) fails: these are also the
+float64 references of the five registered algorithms (tests/test_float64.py).
 """
 
 import jax
@@ -12,7 +15,6 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_sync import aggregators as agg
 from fedjax_sync.algorithms import (Hyperparameters, apfl, build_algorithm, client_models,
                                     fed_avg, hyp_cluster, ifca, initial_clusters, per_fed_avg,
                                     pfedme, resolve_hyperparameters)
@@ -23,7 +25,19 @@ from fedjax_sync.data.batching import client_batch_from_arrays
 D = 3
 POPULATION = 5
 BATCH = 2
-RTOL = dict(rtol=2e-5, atol=2e-6)
+RTOL = dict(rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _all_float64(state):
+  """No float32 leaf in the state: a float32 scalar on the way would have demoted one."""
+  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.float64 for x in floats)
 
 
 def _loss(params, batch, key):
@@ -34,8 +48,8 @@ def _loss(params, batch, key):
 
 def _params(seed=0):
   rng = np.random.default_rng(seed)
-  return {'w': jnp.asarray(rng.normal(size=D), jnp.float32),
-          'b': jnp.asarray(rng.normal(size=1), jnp.float32)}
+  return {'w': jnp.asarray(rng.normal(size=D), jnp.float64),
+          'b': jnp.asarray(rng.normal(size=1), jnp.float64)}
 
 
 def _theta(params):
@@ -47,9 +61,9 @@ def _clients(seed, sizes=(4, 3, 4), shift=None):
   rng = np.random.default_rng(100 + seed)
   out = []
   for c, n in enumerate(sizes):
-    x = rng.normal(size=(n, D)).astype(np.float32)
+    x = rng.normal(size=(n, D))
     slope = (shift[c] if shift is not None else c) * np.ones(D) + rng.normal(size=D) * 0.1
-    y = (x @ slope + 0.5).astype(np.float32)
+    y = x @ slope + 0.5
     out.append({'x': x, 'y': y})
   return out
 
@@ -61,7 +75,7 @@ def _batch(clients, ids, num_steps=None):
 
 def _steps(example, num_steps=None):
   """The (X̃, y) of each local step of one client (the engine's layout: batches in order)."""
-  x = np.concatenate([example['x'], np.ones((len(example['x']), 1), np.float32)], 1)
+  x = np.concatenate([example['x'], np.ones((len(example['x']), 1))], 1)
   x, y = x.astype(np.float64), example['y'].astype(np.float64)
   count = num_steps or -(-len(x) // BATCH)
   return [(x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH]) for s in range(count)]
@@ -132,21 +146,11 @@ def test_apfl_matches_the_papers_update(adaptive):
     np.testing.assert_allclose(float(one.alpha), alpha[i], **RTOL)
     # The personalized model: α_i v_i + (1 − α_i) w with the current global w.
     _close(algorithm.personalize(state.params, one), alpha[i] * v[i] + (1 - alpha[i]) * w)
+  _all_float64(state)
   if adaptive:
     assert any(abs(alpha[i] - alpha0) > 1e-3 for i in range(POPULATION))
   else:
     assert all(alpha[i] == alpha0 for i in range(POPULATION))
-
-
-def test_apfl_with_alpha_zero_fixed_is_fedavg():
-  params, clients = _params(), _clients(0)
-  batch = _batch(clients, [3, 0, 4])
-  a = apfl(_loss, 0.1, num_clients=POPULATION, alpha=0.0, adaptive_alpha=False)
-  b = fed_avg(_loss, optax.sgd(0.1))
-  sa, _ = jax.jit(a.round)(a.init(params), batch, jax.random.key(0))
-  sb, _ = jax.jit(b.round)(b.init(params), batch, jax.random.key(0))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
-               sa.params, sb.params)
 
 
 # ---------------------------------------------------------------------------- pFedMe
@@ -179,6 +183,7 @@ def test_pfedme_matches_the_papers_update():
     one = jax.tree.map(lambda x: x[i], state.client_states)
     _close(algorithm.personalize(state.params, one), personal[i])
   assert np.isfinite(float(metrics['train_loss']))
+  _all_float64(state)
 
 
 # ------------------------------------------------------------------------ Per-FedAvg
@@ -210,23 +215,18 @@ def test_per_fed_avg_matches_the_papers_update(variant):
     clients = _clients(r, sizes=(6, 2, 5))
     state, _ = step(state, _batch(clients, [0, 1, 2]), jax.random.key(r))
     new_ws = [_per_fed_avg_client(w, c, lr, alpha, variant, 3) for c in clients]
+    other = 'fo' if variant == 'hf' else 'hf'   # the Hessian term matters on this data
+    assert np.max(np.abs(new_ws[0] - _per_fed_avg_client(w, clients[0], lr, alpha, other,
+                                                         3))) > 1e-4
     w = w - _weighted([w - wi for wi in new_ws], [len(c['x']) for c in clients])
   _close(state.params, w)
+  _all_float64(state.params)
   assert algorithm.personalize is None
-
-
-def test_per_fed_avg_hessian_free_differs_from_first_order():
-  params, batch = _params(), _batch(_clients(0, sizes=(6, 2, 5)), [0, 1, 2])
-  out = {}
-  for variant in ('fo', 'hf'):
-    algorithm = per_fed_avg(_loss, 0.05, alpha=0.2, variant=variant)
-    out[variant], _ = jax.jit(algorithm.round)(algorithm.init(params), batch, jax.random.key(0))
-  assert np.max(np.abs(_theta(out['fo'].params) - _theta(out['hf'].params))) > 1e-4
 
 
 def test_one_step_personalization_is_a_gradient_step():
   params, example = _params(), _clients(0)[0]
-  personalize = one_step_personalization(_loss, 0.3)
+  personalize = jax.jit(one_step_personalization(_loss, 0.3))
   got = personalize(params, {k: jnp.asarray(v) for k, v in example.items()},
                     jnp.ones(len(example['x']), bool), jax.random.key(0))
   x = np.concatenate([example['x'], np.ones((len(example['x']), 1))], 1).astype(np.float64)
@@ -237,10 +237,11 @@ def test_one_step_personalization_is_a_gradient_step():
 # ------------------------------------------------------------------ IFCA, HypCluster
 
 
-@pytest.mark.parametrize('build', [ifca, hyp_cluster])
-def test_one_cluster_equals_fed_avg(build):
+def test_one_cluster_equals_fed_avg():
+  # hyp_cluster is the same round under another name (one compile suffices here).
+  assert hyp_cluster(_loss, optax.sgd(0.1), num_clusters=1).name == 'hypcluster'
   params = _params()
-  clustered = build(_loss, optax.sgd(0.1), num_clusters=1, num_clients=POPULATION)
+  clustered = ifca(_loss, optax.sgd(0.1), num_clusters=1, num_clients=POPULATION)
   plain = fed_avg(_loss, optax.sgd(0.1))
   sc, sp = clustered.init(params), plain.init(params)
   step_c, step_p = jax.jit(clustered.round), jax.jit(plain.round)
@@ -248,9 +249,9 @@ def test_one_cluster_equals_fed_avg(build):
     batch = _batch(_clients(r), ids)
     sc, mc = step_c(sc, batch, jax.random.key(r))
     sp, mp = step_p(sp, batch, jax.random.key(r))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14),
                  sc.params, sp.params)
-    np.testing.assert_allclose(float(mc['train_loss']), float(mp['train_loss']), rtol=1e-6)
+    np.testing.assert_allclose(float(mc['train_loss']), float(mp['train_loss']), rtol=1e-12)
   np.testing.assert_array_equal(np.asarray(sc.client_states), [0, 0, 0, 0, 0])
 
 
@@ -287,15 +288,24 @@ def test_ifca_matches_the_papers_update_with_two_clusters():
   np.testing.assert_allclose(np.asarray(state.extra.cluster_weight), totals)
   np.testing.assert_array_equal(np.asarray(state.client_states), choices)
   _close(state.params, thetas[int(np.argmax(totals))])
+  _all_float64((state.params, state.opt_state, state.extra))
   assert set(choices[[0, 3]]) != set(choices[[1, 2, 4]])   # the two groups were told apart
   models = client_models(state)
   for i in range(POPULATION):
     _close(jax.tree.map(lambda x: x[i], models), thetas[choices[i]])
+  # A client whose update is not finite is left out of its cluster (same shapes: no
+  # recompilation): the cluster models stay finite and its choice is not recorded.
+  clients = _clients(5, shift=[0, 3, 3])
+  clients[1]['x'] = clients[1]['x'] * np.nan
+  new, metrics = step(state, _batch(clients, [0, 1, 2]), jax.random.key(5))
+  assert float(metrics['nonfinite_updates']) == 1.0
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((new.params, new.extra)))
+  assert int(new.client_states[1]) == choices[1]
 
 
 def _stack_params(thetas):
-  return {'w': jnp.asarray(np.stack([t[:D] for t in thetas]), jnp.float32),
-          'b': jnp.asarray(np.stack([t[D:] for t in thetas]), jnp.float32)}
+  return {'w': jnp.asarray(np.stack([t[:D] for t in thetas]), jnp.float64),
+          'b': jnp.asarray(np.stack([t[D:] for t in thetas]), jnp.float64)}
 
 
 def test_initial_clusters_perturb_copies_of_the_params():
@@ -308,20 +318,6 @@ def test_initial_clusters_perturb_copies_of_the_params():
   noise = np.asarray(clusters['w'][1:] - params['w'][None])
   np.testing.assert_allclose(noise.std(), 0.5 * rms, rtol=0.05)
   assert not np.allclose(noise[0], noise[1])
-  zero = initial_clusters({'w': jnp.zeros((4000,))}, 2, init_scale=0.1)
-  np.testing.assert_allclose(np.asarray(zero['w'][1]).std(), 0.1, rtol=0.05)
-
-
-def test_a_nan_client_is_left_out_of_its_cluster():
-  clients = _clients(0)
-  clients[1]['x'] = clients[1]['x'] * np.nan
-  algorithm = ifca(_loss, optax.sgd(0.1), num_clusters=2, num_clients=POPULATION,
-                   aggregator=agg.weighted_mean())
-  state = algorithm.init(_params())
-  new, metrics = jax.jit(algorithm.round)(state, _batch(clients, [3, 0, 4]), jax.random.key(0))
-  assert float(metrics['nonfinite_updates']) == 1.0
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((new.params, new.extra)))
-  assert int(new.client_states[0]) == -1   # the NaN client's choice is not recorded
 
 
 # ------------------------------------------------------------------------ registry

@@ -31,7 +31,8 @@ from fedjax_sync.algorithms.fed_qs import (FedQSClientState, FedQSHyperparameter
                                            fed_qs_avg, fed_qs_sgd)
 from fedjax_sync.algorithms.fed_sam import fed_sagm, fed_sam, sharpness
 from fedjax_sync.algorithms.fed_sgd import fed_sgd, full_batch_gradient_update
-from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm, round_metrics
+from fedjax_sync.algorithms.federated import (ClientOutput, Combination, federated_algorithm,
+                                               round_metrics)
 from fedjax_sync.algorithms.kuramoto import kuramoto_fedavg
 from fedjax_sync.algorithms.registry import (Hyperparameter, Hyperparameters,
                                              algorithm_descriptions, algorithm_hyperparameters,
@@ -51,7 +52,7 @@ from fedjax_sync.algorithms.registry import TIMELINES, algorithm_timeline  # noq
 
 __all__ = [
     # The synchronous engine and the registry.
-    'ClientOutput', 'Hyperparameters', 'algorithm_descriptions', 'algorithm_names',
+    'ClientOutput', 'Combination', 'Hyperparameters', 'algorithm_descriptions', 'algorithm_names',
     'build_algorithm', 'federated_algorithm', 'register_algorithm', 'round_metrics',
     'Hyperparameter', 'algorithm_hyperparameters', 'hyperparameter_values',
     'resolve_hyperparameters', 'TIMELINES', 'algorithm_timeline',

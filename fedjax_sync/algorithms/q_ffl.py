@@ -32,7 +32,7 @@ from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import Aggregator, compute_dtype
 from fedjax_sync.algorithms.federated import ClientOutput, Combination, federated_algorithm
 from fedjax_sync.algorithms.registry import (CLIENT_LEARNING_RATE, CLIENT_MOMENTUM, Q_FAIRNESS,
-                                             Hyperparameters, register_algorithm)
+                                             register_algorithm)
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.clients.local import (make_local_step, make_local_training, masked_mean,
                                        split_loss_output)

@@ -11,7 +11,9 @@ from fedjax_sync.data.federated import FederatedData, from_client_indices
 from fedjax_sync.models import logistic_regression
 from fedjax_sync.simulate import make_evaluator
 from fedjax_sync.simulate.personalization import (accuracy_distribution, hold_out_client_test,
+                                                  personalized_evaluation,
                                                   personalized_evaluator)
+from fedjax_sync.types import ServerState
 
 NUM_CLIENTS, TRAIN_PER_CLIENT, FEATURES, CLASSES = 5, 8, 4, 3
 HELD_OUT = (3, 5, 0, 4, 6)   # client 2 has no held-out example: left out of the statistics
@@ -140,6 +142,11 @@ def test_personal_starting_models():
     w, b = _np_params(jax.tree.map(lambda s: s[c], own))
     np.testing.assert_allclose(out['personalized_accuracy'][c],
                                _np_metrics(w, b, test['x'], test['y'])[0], atol=1e-6)
+  state = ServerState(params=_params(), opt_state=(), aggregator_state=(), client_states=own,
+                      extra=(), round=jnp.zeros((), jnp.int32))
+  hooked = personalized_evaluation(evaluate, jax.random.key(1))(state, 3)   # a driver hook
+  assert 'personalized_accuracy' not in hooked   # only the scalar statistics
+  assert hooked['personalized_accuracy_mean'] == out['personalized_accuracy_mean']
   w, b = _np_params(_params())  # the global statistics still describe the global params
   _, test = _client(data, 4)
   np.testing.assert_allclose(out['client_accuracy'][4], _np_metrics(w, b, test['x'],

@@ -22,6 +22,8 @@ Example:
   >>> evaluate = personalized_evaluator(model, data, steps=0, learning_rate=0.05,
   ...                                   batch_size=10, personalize=algorithm.personalize)
   >>> evaluate(state.params, key, state.client_states)
+  >>> # In a run, every evaluation: a driver hook.
+  >>> sim.run(state, evaluation_hooks=[personalized_evaluation(evaluate, jax.random.key(1))])
 """
 
 from __future__ import annotations
@@ -225,3 +227,26 @@ def personalized_evaluator(model: Any, data: FederatedData, *, steps: int,
     return out
 
   return jax.jit(evaluate)
+
+
+def personalized_evaluation(evaluate: Callable, key: jax.Array, *,
+                            per_client: bool = False) -> Callable:
+  """An evaluation hook of the driver (`Simulator.run(evaluation_hooks=[...])`):
+  `hook(state, rounds_done) -> metrics` runs `evaluate` (from `personalized_evaluator`) on
+  `state.params` and `state.client_states` with key `fold_in(key, rounds_done)`.
+
+  Args:
+    evaluate: `evaluate(params, key, client_states)` from `personalized_evaluator`.
+    key: the hook's root key (e.g. `fold_in(run_key, 1)`; never a key the rounds use).
+    per_client: also return the `[N]` arrays (`personalized_accuracy`,
+      `client_accuracy`); by default only the scalar statistics, one value per row.
+  """
+  def hook(state, rounds_done: int) -> dict:
+    out = evaluate(state.params, jax.random.fold_in(key, rounds_done),
+                   getattr(state, 'client_states', ()))
+    if not per_client:
+      out = {k: v for k, v in out.items() if k not in ('personalized_accuracy', 'client_accuracy')}
+    return out
+
+  return hook
+

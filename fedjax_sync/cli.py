@@ -797,18 +797,14 @@ def _run(args, given: set[str] = frozenset()) -> int:
   cli_sweeps.check_options(args)   # --seeds/--sweep: synchronous, no checkpoints (yet)
   from fedjax_sync import cli_timelines
   from fedjax_sync.algorithms.registry import SYNCHRONOUS, algorithm_timeline
-  timeline = algorithm_timeline(args.algorithm)
-  if timeline != SYNCHRONOUS:
-    return cli_timelines.run_timeline(args, given, timeline)
-  cli_timelines.check_flags(args, given, timeline)
   resuming = args.resume is not None
   if resuming:
     args = _resumed_args(args, given)
-    if algorithm_timeline(args.algorithm) != SYNCHRONOUS:
-      raise ValueError(f'--resume {args.resume!r}: the run is --algorithm {args.algorithm} (the '
-                       f'{algorithm_timeline(args.algorithm)} timeline), which has no '
-                       'checkpoints to resume from')
-  else:   # check the directory before any work; create it only when the run starts
+  timeline = algorithm_timeline(args.algorithm)
+  if timeline != SYNCHRONOUS:   # asynchronous and FDA runs: the same driver, other units
+    return cli_timelines.run_timeline(args, given, timeline, resuming=resuming)
+  cli_timelines.check_flags(args, given, timeline)
+  if not resuming:   # check the directory before any work; create it only when the run starts
     default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')
     new_dir = _NewRunDirectory(args.run_dir or default)
     _absolute_data_paths(args)

@@ -3,16 +3,18 @@
 `cli.run` hands an algorithm whose registry timeline is not 'synchronous' here:
 FedBuff, FedAsync, FedQS-SGD/Avg run on `SemiAsyncSimulator` with a simulated
 clock from the clock flags; FDA, local SGD and the periodic FedAvgM/FedAdam run on
-`run_averaging`. The data, model, `--hparam` and `--aggregator` flags mean what
+`AveragingSimulator`. Both are runners of the one driver, so checkpoints
+(`--checkpoint-every`), `--resume`, the progress bar and `--tensorboard` work as for
+synchronous runs. The data, model, `--hparam` and `--aggregator` flags mean what
 they mean for synchronous runs, and the run directory has the same `config.json`
 (plus `timeline` and, for asynchronous runs, `clock`) and `metrics.jsonl`: one
 row per unit of the timeline with `round` = its 1-based index (a server
 aggregation, or an FDA local step, also named `aggregation` / `step`), the
 training metrics, and the evaluation metrics on the last row of each
 `--eval-every` block (and, with `--tensorboard`, the same rows as event files).
-Flags this path does not support (checkpoints, `--resume`, `--seeds`/`--sweep`,
-`--clients-per-round`, and for FDA the clock and local-work flags) are one-line
-errors naming the timeline, never silently ignored.
+Flags this path does not support (`--seeds`/`--sweep`, `--clients-per-round`, and
+for FDA the clock and local-work flags) are one-line errors naming the timeline,
+never silently ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import os
 import sys
 import time
 
-import numpy as np
 
 # --clock NAME: how each client's job time is drawn (fedjax_sync.simulate.clock).
 CLOCKS = ('constant', 'lognormal', 'speed_ratio')
@@ -36,8 +37,6 @@ CLOCK_DEFAULTS = {'clock': 'constant', 'clock_sigma': 1.0, 'speed_ratio': 10.0,
 
 # Flags of synchronous runs that these timelines do not take, with the reason.
 _NOT_SUPPORTED = {
-    'checkpoint_every': 'checkpoints are not implemented for this timeline yet',
-    'resume': 'checkpoints (hence --resume) are not implemented for this timeline yet',
     'seeds': 'seed sweeps run synchronous rounds only; run one --seed per run',
     'sweep': 'hyperparameter sweeps run synchronous rounds only',
     'quick': '--quick applies to --config studies',
@@ -166,20 +165,25 @@ def _limit(args, key: str, value: int, num_clients: int) -> None:
                      f'{args.dataset!r}; valid: {key} ≤ {num_clients} (or raise --num-clients)')
 
 
-def run_timeline(args, given: set[str], timeline: str) -> int:
-  """Runs `args.algorithm` (semi_async or averaging timeline); the exit code."""
+def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False) -> int:
+  """Runs `args.algorithm` (semi_async or averaging timeline); the exit code.
+
+  With `resuming`, `args` are the saved options of the run in `args.resume`
+  (`cli._resumed_args`) and the run continues from its newest checkpoint."""
   import fedjax_sync as fs
-  from fedjax_sync import cli, reporting, sinks
+  from fedjax_sync import cli
   from fedjax_sync.algorithms.registry import (SEMI_ASYNC, build_algorithm,
                                                hyperparameter_values)
   from fedjax_sync.data.federated import data_fingerprint
   from fedjax_sync.data.registry import default_model
-  from fedjax_sync.simulate.driver import first_nonfinite, warn_nonfinite
+  from fedjax_sync.simulate import checkpoint
+  from fedjax_sync.simulate.driver import first_nonfinite
 
   check_flags(args, given, timeline)
-  default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')
-  new_dir = cli._NewRunDirectory(args.run_dir or default)   # noqa: SLF001 - the CLI's own helpers
-  cli._absolute_data_paths(args)   # noqa: SLF001
+  if not resuming:
+    default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')
+    new_dir = cli._NewRunDirectory(args.run_dir or default)   # noqa: SLF001 - the CLI's own helpers
+    cli._absolute_data_paths(args)   # noqa: SLF001
   if args.dataset is None:
     args.dataset = 'synthetic'
   hparams = cli._hyperparameters(args, given)   # noqa: SLF001
@@ -187,6 +191,8 @@ def run_timeline(args, given: set[str], timeline: str) -> int:
   partition = cli._partition_settings(args)   # noqa: SLF001
   data = cli._load_data(args, partition)   # noqa: SLF001
   fingerprint = data_fingerprint(data)
+  if resuming:
+    cli._check_data_unchanged(args, fingerprint)   # noqa: SLF001
   model_name = args.model or default_model(args.dataset)
   if args.chunk_size is not None and args.execution != 'chunked':
     raise ValueError(f"--chunk-size applies to --execution chunked, not {args.execution!r}")
@@ -234,46 +240,52 @@ def run_timeline(args, given: set[str], timeline: str) -> int:
     record['clock'] = clock_record(args)
     simulator = fs.SemiAsyncSimulator(algorithm, model, data, clock, config,
                                       execution=execution)
-    state = simulator.init(initial_params(model, args.seed))
   else:
     record['simulation'] = {'num_steps': args.rounds, 'batch_size': args.batch_size,
                             'eval_every': args.eval_every, 'seed': args.seed,
                             'worker_clients': list(range(hparams.num_workers)),
                             'rounds_are': 'local steps of every worker'}
+    simulator = fs.AveragingSimulator(algorithm, model, data, num_steps=args.rounds,
+                                      batch_size=args.batch_size, eval_every=args.eval_every,
+                                      seed=args.seed, mesh=mesh)
+  state = simulator.init(initial_params(model, args.seed))
   record['cli_args'] = {k: v for k, v in vars(args).items() if k != 'resume'}
+  identity = {**simulator.identity(), 'model': model_name,
+              'options': cli._identity_options(args)}   # noqa: SLF001
 
-  with new_dir:
-    run_dir = new_dir.create()
+  def write_config(run_dir):
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       json.dump(record, f, indent=2)
-    if timeline == SEMI_ASYNC:
-      result = simulator.run(state)
-      rows = [{'round': row['aggregation'], **row} for row in result.history]
-      final, unit = result.final_eval, 'aggregations'
-    else:
-      result = fs.simulate.run_averaging(
-          algorithm, model, data, num_steps=args.rounds, batch_size=args.batch_size,
-          eval_every=args.eval_every, seed=args.seed, mesh=mesh,
-          params=initial_params(model, args.seed))
-      rows = averaging_rows(result)
-      final = rows[-1]
-      unit = f'local steps ({int(result.state.num_syncs)} synchronizations)'
-    reporting.write_metrics(run_dir, rows)
-    if args.tensorboard:
-      events = sinks.TensorBoardWriter(run_dir)
-      try:
-        for row in rows:
-          events.write(row)
-      finally:
-        events.close()
-  nonfinite = next((row['round'] for row in rows if first_nonfinite(row)), None)
+
+  progress = not args.quiet
+  if resuming:   # the one driver resumes every timeline from its newest checkpoint
+    run_dir = args.resume
+    result = checkpoint.run_with_checkpoints(
+        simulator, state, run_dir=run_dir, every=args.checkpoint_every, resume=True,
+        progress=progress, identity=identity, on_start=lambda _: write_config(run_dir),
+        tensorboard=args.tensorboard)
+  else:
+    with new_dir:
+      run_dir = new_dir.create()
+      write_config(run_dir)
+      if args.checkpoint_every:
+        result = checkpoint.run_with_checkpoints(
+            simulator, state, run_dir=run_dir, every=args.checkpoint_every, progress=progress,
+            identity=identity, tensorboard=args.tensorboard)
+      else:
+        result = simulator.run(state, run_dir=run_dir, progress=progress,
+                               tensorboard=args.tensorboard)
+  final = result.final_eval
+  if timeline == SEMI_ASYNC:
+    unit = 'aggregations'
+  else:
+    unit = f'local steps ({int(result.state.num_syncs)} synchronizations)'
+  nonfinite = next((row['round'] for row in result.history if first_nonfinite(row)), None)
   print(f'{args.algorithm} on {data.name}: test accuracy {float(final["test_accuracy"]):.4f}, '
         f'test loss {float(final["test_loss"]):.4f} after {args.rounds} {unit} '
         f'({result.run_seconds:.1f} s, compile {result.compile_seconds:.1f} s); results in '
         f'{run_dir}')
   if nonfinite is not None:
-    key = first_nonfinite(next(r for r in rows if r['round'] == nonfinite))
-    warn_nonfinite(nonfinite, key, 'non-finite')
     print(f'fedjax-sync: error: the run became non-finite (NaN/Inf) at round {nonfinite}; see '
           'metrics.jsonl', file=sys.stderr)
     return cli.NONFINITE_RUN
@@ -286,24 +298,3 @@ def initial_params(model, seed: int):
   import jax
 
   return jax.jit(model.init)(jax.random.fold_in(jax.random.key(seed), 2**31 - 1))
-
-
-def averaging_rows(result) -> list[dict]:
-  """`metrics.jsonl` rows of a `run_averaging` result: one per local step (`round` =
-  `step`, `train_loss`, `estimate`, `variance`, `synced`, cumulative `syncs`), with the
-  evaluation (test metrics, bytes) on the last step of each block."""
-  steps = result.steps
-  syncs = np.cumsum(np.asarray(steps['synced'], np.int64))
-  evaluations = {row['step']: row for row in result.history}
-  rows = []
-  for t in range(len(syncs)):
-    row = {'round': t + 1, 'step': t + 1, 'train_loss': float(steps['loss'][t]),
-           'synced': bool(steps['synced'][t]), 'syncs': int(syncs[t])}
-    for name in steps:
-      if name not in ('loss', 'synced') and np.ndim(steps[name][t]) == 0:
-        row[name] = float(steps[name][t])
-    if t + 1 in evaluations:
-      row.update({k: v for k, v in evaluations[t + 1].items()
-                  if k not in ('step', 'syncs', 'train_loss')})
-    rows.append(row)
-  return rows

@@ -20,8 +20,9 @@ the `keep` newest checkpoints up to r and never deletes one of a later round.
 
 Paths may be relative: they are made absolute here (orbax needs absolute paths).
 
-`run_with_checkpoints` drives a `Simulator`: a checkpoint every `every` rounds (the
-compiled blocks end on those rounds), and on Ctrl-C the block in flight finishes, a
+`run_with_checkpoints` drives any runner of the one driver (`Simulator`,
+`SemiAsyncSimulator`, `AveragingSimulator`; `round` counts their units): a
+checkpoint every `every` units (the compiled blocks end there), and on Ctrl-C the block in flight finishes, a
 checkpoint is saved and `RunInterrupted` (a `KeyboardInterrupt`) is raised. Resuming
 never starts over on its own: without a usable checkpoint it raises `ResumeError`
 and changes nothing. Otherwise it rewrites `metrics.jsonl` from the checkpoint's
@@ -45,7 +46,6 @@ import jax
 import numpy as np
 
 from fedjax_sync import reporting
-from fedjax_sync.types import ServerState
 
 CHECKPOINT_DIR = 'checkpoints'
 FORMAT = 'fedjax-sync-checkpoint-1'
@@ -307,17 +307,19 @@ def restore_for_resume(run_dir: str, like, identity=None
   return restored, failures
 
 
-def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir: str,
+def run_with_checkpoints(simulator, state: Any = None, *, run_dir: str,
                          every: int | None = None, resume: bool = False, keep: int = 2,
                          progress: bool = True, on_block: Callable | None = None,
                          log: Callable[[str], None] | None = None,
                          identity: dict[str, Any] | None = None,
                          on_start: Callable[[int], None] | None = None,
                          tensorboard: bool = False):
-  """Runs a `Simulator` with a checkpoint every `every` rounds and on Ctrl-C.
+  """Runs any timeline with a checkpoint every `every` units and on Ctrl-C.
 
   Args:
-    simulator: the `Simulator`.
+    simulator: a runner of the one driver: `Simulator`, `MultiHostSimulator`,
+      `SemiAsyncSimulator` (units are aggregations) or `AveragingSimulator`
+      (units are local steps).
     state: the initial state (default `simulator.init()`); also the template.
     run_dir: run directory (relative paths are fine); checkpoints go to
       `<run_dir>/checkpoints`, metrics to `<run_dir>/metrics.jsonl`.
@@ -329,8 +331,9 @@ def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir
     progress: progress bar.
     on_block: extra `on_block(state, rounds_done, history)` hook (after saving).
     log: where messages go (default: stderr).
-    identity: what a checkpoint must agree with (default
-      `simulation_identity(simulator)`); saved with each checkpoint.
+    identity: what a checkpoint must agree with (default `simulator.identity()`,
+      or `simulation_identity(simulator)` for a `Simulator`); saved with each
+      checkpoint.
     on_start: called as `on_start(rounds_done)` once the run is known to start
       (after a successful restore), before anything is written.
     tensorboard: also write TensorBoard event files into `run_dir` (a resumed run
@@ -346,7 +349,9 @@ def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir
   if every is not None and (not isinstance(every, int) or every < 1):
     raise ValueError(f'checkpoint every must be a positive integer or None, got {every!r}')
   log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-  identity = simulation_identity(simulator) if identity is None else identity
+  if identity is None:
+    identity = (simulator.identity() if hasattr(simulator, 'identity')
+                else simulation_identity(simulator))
   absolute = os.path.abspath(run_dir)   # orbax needs absolute paths; the user's run_dir
   directory = os.path.join(absolute, CHECKPOINT_DIR)   # is kept for messages
   state = simulator.init() if state is None else state
@@ -373,7 +378,7 @@ def run_with_checkpoints(simulator, state: ServerState | None = None, *, run_dir
     if on_start is not None:
       on_start(0)
     os.makedirs(absolute, exist_ok=True)
-  num_rounds = simulator.config.num_rounds
+  num_rounds = simulator.num_units
   interrupted = threading.Event()
 
   def hook(new_state, rounds_done, new_history):

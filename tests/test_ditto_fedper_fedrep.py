@@ -208,3 +208,19 @@ def test_registry_builds_with_the_hyperparameters():
     assert algorithm.personalize is not None and algorithm.num_clients == POPULATION
   with pytest.raises(ValueError, match='num_clients'):
     build_algorithm('fedper', _two_layer_loss, Hyperparameters())
+
+
+def test_fedrep_contains_a_nan_client():
+  """The registry's NaN-client check skips FedPer/FedRep (logistic regression has one
+  layer, so no body to share); here on the two-layer model: a diverged client with
+  weight > 0 is counted and its head is never written into `client_states`."""
+  algorithm = fed_rep(_two_layer_loss, optax.sgd(LR), num_clients=POPULATION, head_epochs=1)
+  state = algorithm.init(_two_layer_params())
+  batch = _batch([3, 0, 4], 0)
+  batch = batch._replace(data={'x': batch.data['x'].at[1].set(jnp.nan)})   # client 0
+  new, metrics = jax.jit(algorithm.round)(state, batch, jax.random.key(0))
+  assert float(metrics['nonfinite_updates']) == 1.0
+  heads = np.asarray(new.client_states['Dense_1']['kernel'])
+  assert np.all(np.isfinite(heads))
+  np.testing.assert_array_equal(heads[0], state.client_states['Dense_1']['kernel'][0])
+  assert np.max(np.abs(heads[3] - heads[0])) > 1e-3   # a finite client's head moved

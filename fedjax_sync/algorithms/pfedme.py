@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sync import tree as tree_lib
-from fedjax_sync.aggregators.base import Aggregator
+from fedjax_sync.aggregators.base import Aggregator, compute_dtype
 from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm
 from fedjax_sync.algorithms.registry import (CLIENT_LEARNING_RATE, Hyperparameter,
                                              Hyperparameters, _server_lr, register_algorithm,
@@ -81,17 +81,18 @@ def pfedme_update(loss_fn: Callable, learning_rate: float, *, lam: float = 15.0,
           theta, batch, mask, jax.random.fold_in(key, k))
       theta = jax.tree.map(lambda t, gt, wt: (t - personal_learning_rate * (gt + lam * (t - wt))
                                               ).astype(t.dtype), theta, g, w)
-      return theta, jnp.where(k == 0, loss, first_loss)
+      return theta, jnp.where(k == 0, loss, first_loss).astype(first_loss.dtype)
 
-    count = jnp.sum(mask.astype(jnp.float32))
-    loss0 = jnp.zeros((), jax.tree.leaves(w)[0].dtype)
+    dtype = compute_dtype(w)
+    count = jnp.sum(mask.astype(dtype))
+    loss0 = jnp.zeros((), dtype)
     new_theta, loss = jax.lax.fori_loop(0, inner_steps, inner, (theta, loss0))
     new_w = jax.tree.map(lambda wt, t: (wt - learning_rate * lam * (wt - t)).astype(wt.dtype),
                          w, new_theta)
     active = count > 0   # a step without a real example changes nothing
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
     return (keep((new_w, new_theta), (w, theta)), opt_state,
-            StepMetrics(loss_sum=loss * count.astype(loss.dtype), num_examples=count))
+            StepMetrics(loss_sum=loss * count, num_examples=count))
 
   train = make_local_training(step, unroll=unroll)
 

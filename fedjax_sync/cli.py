@@ -62,6 +62,26 @@ def _non_negative_float(text: str) -> float:
   return value
 
 
+def _non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not an integer; valid: 0, 1, 2, ...') from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'{value} is negative; valid: 0, 1, 2, ...')
+  return value
+
+
+def _open_fraction(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a number; valid: 0 < F < 1') from None
+  if not 0.0 < value < 1.0:
+    raise argparse.ArgumentTypeError(f'{value} is outside (0, 1); valid: 0 < F < 1')
+  return value
+
+
 def _positive_float(text: str) -> float:
   try:
     value = float(text)
@@ -174,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--tensorboard', action='store_true',
                    help='also write TensorBoard event files (every round\'s scalars) into the '
                         'run directory (no TensorFlow needed; metrics.jsonl is always written)')
+  run.add_argument('--personalize-steps', type=_non_negative_int, default=None, metavar='K',
+                   help='personalization evaluation at every evaluation: fine-tune the global '
+                        "model K SGD steps on each client's training data, test it on the "
+                        "client's held-out data (personalized_accuracy_mean/_median/"
+                        '_worst_decile); K = 0 evaluates personal models as they are')
+  run.add_argument('--personalize-learning-rate', type=_positive_float, default=None,
+                   metavar='LR', help='fine-tuning learning rate (default: the client '
+                                      'learning rate)')
+  run.add_argument('--personalize-holdout', type=_open_fraction, default=None, metavar='F',
+                   help="hold out the last fraction F of each client's training examples "
+                        'for --personalize-steps (datasets without per-client test data)')
   run.add_argument('--checkpoint-every', type=_positive_int, default=None, metavar='K',
                    help='save the whole simulation state every K rounds (and on Ctrl-C)')
   run.add_argument('--resume', default=None, metavar='RUN_DIR',
@@ -445,11 +476,12 @@ class _NewRunDirectory:
 
 
 # `run --resume` may change these; `--rounds` only upwards (it extends the run).
-_RESUME_MAY_CHANGE = ('quiet', 'checkpoint_every', 'data_dir', 'data_path', 'tensorboard')
+_RESUME_MAY_CHANGE = ('quiet', 'checkpoint_every', 'data_dir', 'data_path', 'tensorboard',
+                      'personalize_steps', 'personalize_learning_rate')
 # Options that do not change what a run computes (not part of a checkpoint's identity).
 _NOT_IDENTITY = ('command', 'rounds', 'eval_every', 'quiet', 'checkpoint_every', 'run_dir',
                  'resume', 'config', 'quick', 'seeds', 'data_dir', 'data_path', 'tensorboard',
-                 'sweep')
+                 'sweep', 'personalize_steps', 'personalize_learning_rate')
 
 
 def _identity_options(args) -> dict:
@@ -465,7 +497,8 @@ def _identity_options(args) -> dict:
   for dest in _PARTITION_FLAGS:
     if options.get(dest) is None:
       options.pop(dest, None)
-  for dest in ('hparam', 'aggregator'):   # likewise: not given = the runs made before them
+  for dest in ('hparam', 'aggregator', 'personalize_holdout'):   # likewise: not given = the
+    # runs made before them
     if options.get(dest) is None:
       options.pop(dest, None)
   from fedjax_sync.cli_timelines import CLOCK_DEFAULTS
@@ -660,11 +693,14 @@ def _load_data(args, partition: dict | None = None):
   """`--dataset` loaded with `--data-seed`, `--data-path` and the partition settings."""
   from fedjax_sync.data.registry import load_dataset
 
+  from fedjax_sync import cli_personalization
+
   _check_population(args)
   try:
-    return load_dataset(args.dataset, num_clients=args.num_clients, seed=args.data_seed,
+    data = load_dataset(args.dataset, num_clients=args.num_clients, seed=args.data_seed,
                         data_dir=getattr(args, 'data_dir', None), **_data_path(args),
                         **(partition or {}))
+    return cli_personalization.hold_out(args, data)
   except ImportError as e:
     from fedjax_sync.data.registry import dataset_names
     raise ValueError(f'--dataset {args.dataset!r}: {_one_line(e)}; or choose another '
@@ -795,6 +831,8 @@ def _run(args, given: set[str] = frozenset()) -> int:
                        'without --config')
     return _run_config(args)
   cli_sweeps.check_options(args)   # --seeds/--sweep: synchronous, no checkpoints (yet)
+  from fedjax_sync import cli_personalization
+  cli_personalization.check_options(args)
   from fedjax_sync import cli_timelines
   from fedjax_sync.algorithms.registry import SYNCHRONOUS, algorithm_timeline
   resuming = args.resume is not None
@@ -859,6 +897,9 @@ def _run(args, given: set[str] = frozenset()) -> int:
     raise _model_error(args, model_name, data, e) from None
   identity = {**checkpoint.simulation_identity(simulator), 'model': model_name,
               'options': _identity_options(args)}
+  hooks = cli_personalization.evaluation_hooks(
+      args, simulator, model, data, hparams.client_learning_rate,
+      getattr(algorithm, 'personalize', None))
 
   def write_config(run_dir):
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
@@ -880,7 +921,7 @@ def _run(args, given: set[str] = frozenset()) -> int:
     result = checkpoint.run_with_checkpoints(
         simulator, state, run_dir=run_dir, every=args.checkpoint_every, resume=True,
         progress=not args.quiet, identity=identity, on_start=lambda _: write_config(run_dir),
-        tensorboard=args.tensorboard)
+        tensorboard=args.tensorboard, evaluation_hooks=hooks)
   else:
     with new_dir:
       run_dir = new_dir.create()
@@ -889,10 +930,11 @@ def _run(args, given: set[str] = frozenset()) -> int:
         result = checkpoint.run_with_checkpoints(simulator, state, run_dir=run_dir,
                                                  every=args.checkpoint_every,
                                                  progress=not args.quiet, identity=identity,
-                                                 tensorboard=args.tensorboard)
+                                                 tensorboard=args.tensorboard,
+                                                 evaluation_hooks=hooks)
       else:
         result = simulator.run(state, run_dir=run_dir, progress=not args.quiet,
-                               tensorboard=args.tensorboard)
+                               tensorboard=args.tensorboard, evaluation_hooks=hooks)
   final = result.final_eval
   print(f'{args.algorithm} on {data.name}: test accuracy {float(final["test_accuracy"]):.4f}, '
         f'test loss {float(final["test_loss"]):.4f} after {args.rounds} rounds '

@@ -171,7 +171,7 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
   With `resuming`, `args` are the saved options of the run in `args.resume`
   (`cli._resumed_args`) and the run continues from its newest checkpoint."""
   import fedjax_sync as fs
-  from fedjax_sync import cli
+  from fedjax_sync import cli, cli_personalization
   from fedjax_sync.algorithms.registry import (SEMI_ASYNC, build_algorithm,
                                                hyperparameter_values)
   from fedjax_sync.data.federated import data_fingerprint
@@ -252,6 +252,8 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
   record['cli_args'] = {k: v for k, v in vars(args).items() if k != 'resume'}
   identity = {**simulator.identity(), 'model': model_name,
               'options': cli._identity_options(args)}   # noqa: SLF001
+  hooks = cli_personalization.evaluation_hooks(args, simulator, model, data,
+                                               hparams.client_learning_rate)
 
   def write_config(run_dir):
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
@@ -263,7 +265,7 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
     result = checkpoint.run_with_checkpoints(
         simulator, state, run_dir=run_dir, every=args.checkpoint_every, resume=True,
         progress=progress, identity=identity, on_start=lambda _: write_config(run_dir),
-        tensorboard=args.tensorboard)
+        tensorboard=args.tensorboard, evaluation_hooks=hooks)
   else:
     with new_dir:
       run_dir = new_dir.create()
@@ -271,10 +273,10 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
       if args.checkpoint_every:
         result = checkpoint.run_with_checkpoints(
             simulator, state, run_dir=run_dir, every=args.checkpoint_every, progress=progress,
-            identity=identity, tensorboard=args.tensorboard)
+            identity=identity, tensorboard=args.tensorboard, evaluation_hooks=hooks)
       else:
         result = simulator.run(state, run_dir=run_dir, progress=progress,
-                               tensorboard=args.tensorboard)
+                               tensorboard=args.tensorboard, evaluation_hooks=hooks)
   final = result.final_eval
   if timeline == SEMI_ASYNC:
     unit = 'aggregations'

@@ -224,6 +224,10 @@ class AveragingSimulator:
     return {**jax.device_get(self._evaluate(state.anchor)), 'bytes_up': up, 'bytes_down': down,
             'bytes': up + down}
 
+  def evaluated_model(self, state: AveragingState):
+    """`(the last synchronized model, no per-client state)`: what this timeline evaluates."""
+    return state.anchor, ()
+
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must agree with to continue this run."""
     return {'algorithm': self.algorithm.name, 'dataset': getattr(self.data, 'name', None),

@@ -313,7 +313,7 @@ def run_with_checkpoints(simulator, state: Any = None, *, run_dir: str,
                          log: Callable[[str], None] | None = None,
                          identity: dict[str, Any] | None = None,
                          on_start: Callable[[int], None] | None = None,
-                         tensorboard: bool = False):
+                         tensorboard: bool = False, evaluation_hooks=()):
   """Runs any timeline with a checkpoint every `every` units and on Ctrl-C.
 
   Args:
@@ -338,6 +338,7 @@ def run_with_checkpoints(simulator, state: Any = None, *, run_dir: str,
       (after a successful restore), before anything is written.
     tensorboard: also write TensorBoard event files into `run_dir` (a resumed run
       adds a new file; see `Simulator.run`).
+    evaluation_hooks: extra evaluation of the driver (`Simulator.run`).
 
   Returns:
     the `SimulationResult`, its history covering all rounds (restored ones too).
@@ -405,10 +406,12 @@ def run_with_checkpoints(simulator, state: Any = None, *, run_dir: str,
   previous = signal.signal(signal.SIGINT, handler) if in_main else None
   try:
     if start >= num_rounds:
-      result = simulator.run(state, start_round=start, run_dir=absolute, progress=False)
+      result = simulator.run(state, start_round=start, run_dir=absolute, progress=False,
+                             evaluation_hooks=evaluation_hooks)
     else:
       result = simulator.run(state, start_round=start, run_dir=absolute, progress=progress,
-                             on_block=hook, block_every=every, tensorboard=tensorboard)
+                             on_block=hook, block_every=every, tensorboard=tensorboard,
+                             evaluation_hooks=evaluation_hooks)
   finally:
     if in_main:
       signal.signal(signal.SIGINT, previous)

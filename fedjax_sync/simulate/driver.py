@@ -33,6 +33,7 @@ A runner provides:
   compile(state, length)        # compiles the block of `length` units
   run_units(state, start, length) -> (state, stacked metrics)   # donates `state`
   evaluate_state(state) -> dict # host values ([S] arrays for a sweep)
+  evaluated_model(state) -> (params, client_states)   # what evaluation hooks read
 
 Round r's keys come from `fold_in(run_key, r)` in every timeline, so the unit
 index is the whole position of the random streams and a run resumed at unit r
@@ -75,6 +76,8 @@ class Runner(Protocol):
   def run_units(self, state, start: int, length: int): ...
 
   def evaluate_state(self, state) -> dict[str, Any]: ...
+
+  def evaluated_model(self, state) -> tuple[Any, Any]: ...
 
 
 class DriveResult(NamedTuple):

@@ -216,6 +216,10 @@ class Simulator:
   def evaluate_state(self, state: ServerState) -> dict[str, Any]:
     return self.evaluate(state.params, state.client_states)
 
+  def evaluated_model(self, state: ServerState):
+    """`(global params, per-client states)`: the model this timeline evaluates."""
+    return state.params, state.client_states
+
 
 def rounds_to_reach(history: list[dict[str, Any]], target: float,
                     key: str = 'test_accuracy') -> int | None:

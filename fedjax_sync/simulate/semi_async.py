@@ -428,6 +428,10 @@ class SemiAsyncSimulator:
   def evaluate_state(self, state: AsyncState) -> dict[str, Any]:
     return self.evaluate(state.server.params)
 
+  def evaluated_model(self, state: AsyncState):
+    """`(global params, per-client states)`: the model this timeline evaluates."""
+    return state.server.params, state.server.client_states
+
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must agree with to continue this run."""
     cfg = self.config

@@ -39,6 +39,11 @@ REGISTRY = {
     'top_k': lambda: agg.chain(agg.top_k(fraction=0.25), agg.weighted_mean()),
     'random_k': lambda: agg.chain(agg.random_k(fraction=0.5), agg.weighted_mean()),
     'dp_fedavg': lambda: agg.dp_fedavg(1.0, 0.5, 6.0),
+    'bulyan': lambda: agg.bulyan(1),  # 7 present clients = 4f + 3
+    'rotated_quantize': lambda: agg.chain(agg.rotated_quantize(4), agg.weighted_mean()),
+    'drive': lambda: agg.chain(agg.drive(), agg.weighted_mean()),
+    'terngrad': lambda: agg.chain(agg.terngrad(), agg.weighted_mean()),
+    'dp_ftrl': lambda: agg.dp_ftrl(1.0, 0.5, 6.0, rounds_per_tree=6),
     'secure_aggregation': lambda: agg.secure_aggregation(4.0),
     'sign_flip_then_trimmed': lambda: agg.chain(agg.sign_flip_attack(2.0, positions=(0, 5)),
                                                 agg.trimmed_mean(0.25)),

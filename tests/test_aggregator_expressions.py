@@ -105,7 +105,7 @@ REFUSED = [
     ('mean().apply', 'attribute access'),
     ('lambda: mean()', 'lambda is not allowed'),
     ('chain(lambda u: u, mean())', 'lambda is not allowed'),
-    ('bogus_mean()', "unknown aggregator 'bogus_mean'; valid: adaptive_clip, chain"),
+    ('bogus_mean()', "unknown aggregator 'bogus_mean'; valid: adaptive_clip, bulyan, chain"),
     ('trimmed_mean(beta=0.1, betta=2)', "trimmed_mean() has no argument 'betta'; valid: beta"),
     ('top_k(fraction=0.1, k_max=3)', "no argument 'k_max'; valid: k, fraction, error_feedback"),
     ('trimmed_mean(x)', "unknown name 'x'"),
@@ -148,7 +148,7 @@ def test_the_registry_holds_every_exported_aggregator_constructor():
   # Exported names that are not constructors of an Aggregator.
   not_constructors = {'REDUCER', 'TRANSFORM', 'Aggregator', 'ChainState', 'EmptyState',
                       'MetricsState', 'aggregator_metrics', 'stateless', 'validate_aggregator',
-                      'dp_epsilon', 'dp_noise_multiplier', 'aggregator_names',
+                      'dp_epsilon', 'dp_ftrl_epsilon', 'dp_noise_multiplier', 'aggregator_names',
                       'aggregator_signatures', 'canonical_aggregator_expression',
                       'parse_aggregator', 'register_aggregator'}
   assert set(agg.__all__) - not_constructors == set(agg.aggregator_names())

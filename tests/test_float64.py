@@ -24,6 +24,7 @@ from fedjax_sync.algorithms.fed_qs import FedQSHyperparameters, classify, fed_qs
 from fedjax_sync.data.batching import client_batch_from_arrays
 from fedjax_sync.simulate.semi_async import AsyncRound
 from tests.test_aggregator_conformance import REGISTRY
+from tests.test_aggregators_bulyan_rotation_dp_ftrl import bulyan_reference
 from tests.test_fed_gh import pairwise_oracle
 from tests.test_fed_qs import _oracle as fed_qs_oracle
 
@@ -140,6 +141,8 @@ def _reference(name, u, w):
           np.where((np.linalg.norm(u, axis=1) <= 4.0)[:, None], u, 0.0), w),
       'top_k': _weighted_mean(top, w),
       'dp_fedavg': _clip(u, 1.0).sum(0) / 6.0,
+      'dp_ftrl': _clip(u, 1.0).sum(0) / 6.0,
+      'bulyan': bulyan_reference(u, 1),
       'secure_aggregation': _secure_mean(u, 4.0, num_slots=8),
       'sign_flip_then_trimmed': _trimmed(flipped, 0.25),
       'chain_with_optax': 0.5 * _trimmed(_clip(u, 2.0), 0.1),
@@ -151,10 +154,11 @@ def _reference(name, u, w):
 
 
 # Randomized stages are checked on a property that holds exactly (see the tests below).
-RANDOMIZED = {'stochastic_quantize', 'random_k'}
+RANDOMIZED = {'stochastic_quantize', 'random_k', 'rotated_quantize', 'drive', 'terngrad'}
 AGGREGATORS = dict(REGISTRY)
 AGGREGATORS.update({
     'dp_fedavg': lambda: agg.dp_fedavg(1.0, 0.0, 6.0),  # noise: test_dp_fedavg_noise_cancels
+    'dp_ftrl': lambda: agg.dp_ftrl(1.0, 0.0, 6.0, rounds_per_tree=6),  # noise: see below
     'harmonize': lambda: agg.harmonize(),
     'kuramoto': lambda: agg.kuramoto(0.5),
     'kuramoto_code': lambda: agg.kuramoto_code(),
@@ -228,6 +232,49 @@ def test_dp_fedavg_noise_cancels_between_two_inputs_with_one_key():
     diff = _flat(a) - _flat(b)
   expected = (_clip(flat[present], 1.0).sum(0) - _clip(other[present], 1.0).sum(0)) / 6.0
   np.testing.assert_allclose(diff, expected, **TOL)
+
+
+def test_dp_ftrl_tree_noise_cancels_between_two_inputs_with_the_same_keys():
+  flat, weights = _agg_inputs()
+  other = flat * 0.7
+  present = weights > 0
+  aggregator = agg.dp_ftrl(1.0, 0.5, 6.0, rounds_per_tree=2)
+  with jax.enable_x64(True):
+    params = {'w': jnp.zeros((3, 4), jnp.float64), 'b': jnp.zeros((4,), jnp.float64)}
+    apply = jax.jit(aggregator.apply)
+    diffs = []
+    for rounds in range(1, 4):   # rounds 1, 2, then a restarted tree
+      outs = []
+      for data in (flat, other):
+        state = aggregator.init(params, NUM_CLIENTS)
+        for t in range(rounds):
+          out, state = apply(_tree(data), jnp.asarray(weights, jnp.float32), state,
+                             jax.random.key(t), None)
+        assert state.nodes['w'].dtype == jnp.float64
+        outs.append(_flat(out))
+      diffs.append(outs[0] - outs[1])
+  expected = (_clip(flat[present], 1.0).sum(0) - _clip(other[present], 1.0).sum(0)) / 6.0
+  np.testing.assert_allclose(np.array(diffs), np.stack([expected] * 3), **TOL)
+
+
+def test_drive_keeps_the_projection_on_the_update_exactly_in_float64():
+  """⟨x̂, x⟩ = S·‖R x‖₁ = ‖x‖² needs an exactly orthogonal float64 rotation."""
+  flat, weights = _agg_inputs()
+  with jax.enable_x64(True):
+    out, _ = _apply(agg.drive(), flat, weights)
+    got = _flat(out)
+  np.testing.assert_allclose((got * flat).sum(1), (flat ** 2).sum(1), **TOL)
+
+
+def test_terngrad_sends_exactly_zero_or_the_leaf_scaler_in_float64():
+  flat, weights = _agg_inputs()
+  with jax.enable_x64(True):
+    out, _ = _apply(agg.terngrad(), flat, weights)
+    got = _flat(out)
+  for part in (slice(0, 12), slice(12, 16)):   # the leaves w and b: one scaler each
+    scaler = np.abs(flat[:, part]).max(1, keepdims=True)
+    values = got[:, part]
+    assert np.all((values == 0) | (values == scaler * np.sign(flat[:, part])))
 
 
 # ---------------------------------------------------------------------------------

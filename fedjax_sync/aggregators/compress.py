@@ -1,4 +1,4 @@
-"""Compression client transforms: QSGD quantization, top-k with error feedback, random-k.
+"""Compression client transforms: QSGD quantization, TernGrad, top-k with error feedback, random-k.
 
 Each maps `[C, ...]` updates to their decompressed `[C, ...]` values (what the
 server reconstructs) and reports `bits_per_client`, the upload size of one client
@@ -19,7 +19,7 @@ from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import TRANSFORM, Aggregator, compute_dtype
 from fedjax_sync.aggregators.reduce import MetricsState, float_weights
 
-__all__ = ['TopKState', 'client_keys', 'random_k', 'stochastic_quantize', 'top_k']
+__all__ = ['TopKState', 'client_keys', 'random_k', 'stochastic_quantize', 'terngrad', 'top_k']
 
 
 def client_keys(key: jax.Array, client_ids, num_clients: int) -> jax.Array:
@@ -235,3 +235,45 @@ def random_k(k: int | None = None, *, fraction: float | None = None,
 
   size = f'k={k}' if k is not None else f'fraction={fraction:g}'
   return Aggregator(init, apply, TRANSFORM, f'random_k({size})')
+
+
+def terngrad() -> Aggregator:
+  """TernGrad: each coordinate sent as one of {−s, 0, +s}, unbiased.
+
+  Wen, Xu, Yan, Wu, Wang, Chen & Li 2017, "TernGrad: Ternary Gradients to Reduce
+  Communication in Distributed Deep Learning" (NeurIPS; arXiv 1705.07878, Eq. 3,
+  layer-wise scalers of Sec. 3.2): per client and per leaf (layer), s = max|g|
+  and `g̃ = s · sign(g) ∘ b` with b_k ~ Bernoulli(|g_k|/s), so E[g̃] = g. Each
+  client keeps its own scaler (the paper's optional sharing of the largest scaler
+  across workers and its 2.5σ gradient clipping are left out). Bits: 2 per
+  coordinate (a ternary value in two bits, as the paper encodes it) plus 32 per
+  leaf for s. A leaf that is all zeros stays zero; an update whose norm is not
+  finite (an Inf or NaN entry) is passed through unchanged.
+  """
+
+  def init(params, num_clients=None):
+    del num_clients
+    d = tree_lib.tree_size(params)
+    bits = 2 * d + 32 * len(jax.tree.leaves(params))
+    return MetricsState({'bits_per_client': jnp.asarray(bits, jnp.float32),
+                         'compression_ratio': jnp.asarray(32 * d / bits, jnp.float32)})
+
+  def apply(updates, weights, state, key=None, client_ids=None):
+    del weights
+    keys = client_keys(key, client_ids, _num_clients(updates))
+    dtype = compute_dtype(updates)
+    finite = jnp.isfinite(tree_lib.client_norms(updates))
+    noise = _per_client_uniform(keys, updates)
+
+    def leaf(x, u):
+      shape = (-1,) + (1,) * (x.ndim - 1)
+      values = x.astype(dtype)
+      scaler = jnp.max(jnp.abs(values.reshape(values.shape[0], -1)), axis=1).reshape(shape)
+      safe = jnp.where(scaler > 0, scaler, 1.0)
+      keep = u < jnp.abs(values) / safe
+      out = jnp.where(keep, scaler * jnp.sign(values), 0.0).astype(x.dtype)
+      return jnp.where(finite.reshape(shape), out, x)
+
+    return jax.tree.map(leaf, updates, noise), state
+
+  return Aggregator(init, apply, TRANSFORM, 'terngrad')

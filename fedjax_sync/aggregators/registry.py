@@ -25,12 +25,15 @@ from typing import Any, Callable
 
 from fedjax_sync.aggregators.attacks import scale_attack, sign_flip_attack
 from fedjax_sync.aggregators.base import Aggregator, chain, mean, validate_aggregator, weighted_mean
+from fedjax_sync.aggregators.bulyan import bulyan
 from fedjax_sync.aggregators.clip import adaptive_clip, clip_by_norm, zero_invalid_updates
-from fedjax_sync.aggregators.compress import random_k, stochastic_quantize, top_k
+from fedjax_sync.aggregators.compress import random_k, stochastic_quantize, terngrad, top_k
+from fedjax_sync.aggregators.dp_ftrl import dp_ftrl
 from fedjax_sync.aggregators.harmonize import harmonize
 from fedjax_sync.aggregators.kuramoto import kuramoto, kuramoto_code
 from fedjax_sync.aggregators.privacy import dp_fedavg
 from fedjax_sync.aggregators.reduce import norm_bounded_mean
+from fedjax_sync.aggregators.rotation import drive, rotated_quantize
 from fedjax_sync.aggregators.robust import (coordinate_median, geometric_median, krum, multi_krum,
                                             trimmed_mean)
 from fedjax_sync.aggregators.secure import secure_aggregation
@@ -232,6 +235,6 @@ for _constructor in (mean, weighted_mean, coordinate_median, trimmed_mean, krum,
                      geometric_median, norm_bounded_mean, clip_by_norm, adaptive_clip,
                      zero_invalid_updates, stochastic_quantize, top_k, random_k, dp_fedavg,
                      secure_aggregation, harmonize, kuramoto, kuramoto_code, sign_flip_attack,
-                     scale_attack, chain):
+                     scale_attack, chain, bulyan, rotated_quantize, drive, terngrad, dp_ftrl):
   register_aggregator(_constructor.__name__, _constructor)
 del _constructor

@@ -71,11 +71,16 @@ def evaluation_hooks(args, runner, model, data, learning_rate: float,
       batch_size=args.batch_size, personalize=personalize)
   key = jax.random.fold_in(jax.random.key(args.seed), 0x9E5)   # no key the rounds use
 
+  # A synchronous run's own evaluation already reports `client_*` per client (with
+  # `Algorithm.personalize`, of the personal models): the hook adds only its
+  # `personalized_*` figures there, never overwriting them.
+  own = set(getattr(runner, 'evaluation_names', ()))
+
   def hook(state, units_done):
     params, client_states = runner.evaluated_model(state)
     out = evaluate(params, jax.random.fold_in(key, units_done),
                    client_states if personalize is not None else ())
-    return {k: v for k, v in out.items() if k not in ('personalized_accuracy',
-                                                      'client_accuracy')}
+    return {k: v for k, v in out.items()
+            if k not in ('personalized_accuracy', 'client_accuracy') and k not in own}
 
   return [hook]

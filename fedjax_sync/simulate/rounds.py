@@ -216,6 +216,15 @@ class Simulator:
   def evaluate_state(self, state: ServerState) -> dict[str, Any]:
     return self.evaluate(state.params, state.client_states)
 
+  @property
+  def evaluation_names(self) -> tuple[str, ...]:
+    """The metrics `evaluate_state` reports (per-client ones with `per_client_eval`)."""
+    names = ('test_accuracy', 'test_loss')
+    if self.config.per_client_eval:
+      names += ('client_accuracy_mean', 'client_accuracy_var', 'client_accuracy_median',
+                'client_accuracy_worst_decile')
+    return names
+
   def evaluated_model(self, state: ServerState):
     """`(global params, per-client states)`: the model this timeline evaluates."""
     return state.params, state.client_states

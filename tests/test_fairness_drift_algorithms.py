@@ -264,17 +264,20 @@ def test_mime_matches_frozen_server_momentum(lite):
 
     def step(v, xb, yb, g):
       corrected = g if lite else g - _grad(x0, xb, yb) + c
-      return corrected + beta * m    # the frozen server momentum, never updated locally
+      # The paper's momentum form, with the server's m frozen (never updated locally).
+      return (1 - beta) * corrected + beta * m
 
     local = [_local_sgd(w, x, y, correction=step) for x, y in data]
     w = w - server_lr * (n / n.sum()) @ np.stack([w - v for v in local])
-    m = c + beta * m
+    m = (1 - beta) * c + beta * m
     np.testing.assert_allclose(np.asarray(state.params['w']), w, **TOL)
     np.testing.assert_allclose(np.asarray(state.extra.control['w']), c, **TOL)
-    np.testing.assert_allclose(np.asarray(jax.tree.leaves(state.extra.base_state)[0]), m, **TOL)
-  # Up: update and gradient; down: model, momentum and (Mime only) c — 3 floats each.
+    momentum = [x for x in jax.tree.leaves(state.extra.base_state) if x.shape == (D,)]
+    np.testing.assert_allclose(np.asarray(momentum[0]), m, **TOL)
+  # 3 clients. Up: update and gradient; down: model, momentum (D float64 values and the
+  # ema's int32 step count) and, for Mime only, c.
   assert float(metrics['bytes_up']) == 3 * 2 * D * 8
-  assert float(metrics['bytes_down']) == 3 * (2 if lite else 3) * D * 8
+  assert float(metrics['bytes_down']) == 3 * ((2 if lite else 3) * D * 8 + 4)
 
 
 def test_registry_builds_each_with_its_hyperparameters():

@@ -5,8 +5,9 @@ Centralized Stochastic Algorithms in Federated Learning", arXiv 2008.03606,
 Algorithm 1 (Mime) and MimeLite (Section 3), in the single-round form FedJAX
 implements (`fedjax.algorithms.mime`, `mime_lite`).
 
-The server keeps the model x and the state s of a base optimizer B (here
-`optax.sgd(η_l, momentum=β)`: s is the momentum). Each round:
+The server keeps the model x and the state s of a base optimizer B (by default
+the paper's SGD with momentum, `m ← (1 − β) g + β m`, step `−η_l m`:
+`optax.chain(optax.ema(β, debias=False), optax.scale(−η_l))`; s holds m). Each round:
 
 1. Every sampled client computes its full-batch gradient at x over its round's
    examples; c = their example-weighted mean (Mime: sent to the clients as a
@@ -81,6 +82,11 @@ def frozen_state_optimizer(base: optax.GradientTransformation, *, anchor: Params
   return optax.GradientTransformationExtraArgs(init, corrected)
 
 
+def sgd_with_momentum(learning_rate: float, momentum: float) -> optax.GradientTransformation:
+  """Mime's base optimizer: `m ← (1 − β) g + β m` (m = 0 at start), step `−η m`."""
+  return optax.chain(optax.ema(momentum, debias=False), optax.scale(-learning_rate))
+
+
 def mime(loss_fn: Callable, learning_rate: float, *, momentum: float = 0.9,
          server_learning_rate: float = 1.0,
          base_optimizer: optax.GradientTransformation | None = None, lite: bool = False,
@@ -99,11 +105,13 @@ def mime(loss_fn: Callable, learning_rate: float, *, momentum: float = 0.9,
     loss_fn: per-example loss `(params, batch, key) -> [B]` (stateless: the full-batch
       gradient differentiates it directly).
     learning_rate: the base optimizer's step size η_l.
-    momentum: the base optimizer's heavy-ball momentum β (optax's form,
-      `m ← g + β m`, step `−η_l m`).
+    momentum: the base optimizer's momentum β in the paper's form
+      `m ← (1 − β) g + β m`, step `−η_l m` (so η_l means what FedAvg's lr means; optax's
+      heavy ball `m ← g + β m` would step 1/(1 − β) times further).
     server_learning_rate: η_s, the step on the mean client update.
-    base_optimizer: overrides `optax.sgd(learning_rate, momentum)` (any optax
-      transform: its state is the server's, used frozen on the clients).
+    base_optimizer: overrides the momentum SGD above (any optax transform, e.g.
+      FedJAX's `optax.sgd(lr, momentum)`: its state is the server's, used frozen on
+      the clients).
     lite: MimeLite (no control variate).
     aggregator: reducer of the client updates (default `weighted_mean()`).
     num_clients: population size (only needed by aggregators with per-client state).
@@ -116,7 +124,7 @@ def mime(loss_fn: Callable, learning_rate: float, *, momentum: float = 0.9,
       raise ValueError(f'Mime needs a positive local learning rate, got {learning_rate!r}')
     if not 0.0 <= momentum < 1.0:
       raise ValueError(f'Mime base momentum must be in [0, 1), got {momentum!r}')
-    base_optimizer = optax.sgd(learning_rate, momentum=momentum or None)
+    base_optimizer = sgd_with_momentum(learning_rate, momentum)
   name = name or ('mimelite' if lite else 'mime')
   gradient_update = full_batch_gradient_update(loss_fn)
 

@@ -129,23 +129,28 @@ def test_apfl_matches_the_papers_update(adaptive):
   state = algorithm.init(_params())
   step = jax.jit(algorithm.round)
   w = _theta(state.params)
-  v = {i: w.copy() for i in range(POPULATION)}
+  v = {i: None for i in range(POPULATION)}   # v_i starts from w at the client's first round
   alpha = {i: alpha0 for i in range(POPULATION)}
   for r, ids in enumerate(([3, 0, 4], [1, 3, 2])):   # client 3 twice: its state persists
     clients = _clients(r)
     state, _ = step(state, _batch(clients, ids), jax.random.key(r))
     new_ws = []
     for example, i in zip(clients, ids):
-      wi, v[i], alpha[i] = _apfl_client(w, v[i], alpha[i], example, lr, adaptive)
+      start = w.copy() if v[i] is None else v[i]
+      wi, v[i], alpha[i] = _apfl_client(w, start, alpha[i], example, lr, adaptive)
       new_ws.append(wi)
     w = w - _weighted([w - wi for wi in new_ws], [len(c['x']) for c in clients])
   _close(state.params, w)
   for i in range(POPULATION):
     one = jax.tree.map(lambda x: x[i], state.client_states)
-    _close(one.local_params, v[i])
     np.testing.assert_allclose(float(one.alpha), alpha[i], **RTOL)
     # The personalized model: α_i v_i + (1 − α_i) w with the current global w.
-    _close(algorithm.personalize(state.params, one), alpha[i] * v[i] + (1 - alpha[i]) * w)
+    local = w if v[i] is None else v[i]
+    _close(algorithm.personalize(state.params, one), alpha[i] * local + (1 - alpha[i]) * w)
+    if v[i] is not None:
+      _close(one.local_params, v[i])
+  np.testing.assert_array_equal(np.asarray(state.client_states.started),
+                                [v[i] is not None for i in range(POPULATION)])
   _all_float64(state)
   if adaptive:
     assert any(abs(alpha[i] - alpha0) > 1e-3 for i in range(POPULATION))
@@ -324,7 +329,7 @@ def test_initial_clusters_perturb_copies_of_the_params():
 
 
 @pytest.mark.parametrize('name, overrides', [
-    ('apfl', {'apfl_alpha': '0.5', 'apfl_adaptive_alpha': 'false'}),
+    ('apfl', {'apfl_alpha': '0.5', 'apfl_adaptive_alpha': 'true'}),
     ('pfedme', {'pfedme_lambda': '5', 'pfedme_inner_steps': '2'}),
     ('perfedavg', {'perfedavg_variant': 'hf', 'perfedavg_alpha': '0.1'}),
     ('ifca', {'num_clusters': '3', 'cluster_init_scale': '0.5'}),

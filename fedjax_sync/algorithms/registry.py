@@ -74,7 +74,7 @@ class Hyperparameters:
   # Personalized and clustered methods (fedjax_sync.algorithms.apfl/pfedme/per_fed_avg/ifca/
   # hypcluster; their Hyperparameter entries live in those modules).
   apfl_alpha: float = 0.25
-  apfl_adaptive_alpha: bool = True
+  apfl_adaptive_alpha: bool = False
   pfedme_lambda: float = 15.0
   pfedme_inner_steps: int = 5
   pfedme_personal_learning_rate: float = 0.05

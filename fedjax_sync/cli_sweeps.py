@@ -26,9 +26,10 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-MEMBERS_DIR = 'members'
+from fedjax_sync.simulate.sweep import MEMBERS_DIR, member_label
+
 # `Sweep` draws each member's keys from a seed in [0, 2**31).
 MAX_SWEEP_SEED = 2**31 - 1
 # The clock and round-policy flags of `run` (a sweep takes none of them yet).
@@ -158,10 +159,6 @@ def plan_sweep(args, given: set[str] = frozenset()) -> SweepPlan:
   return SweepPlan(seeds, values)
 
 
-def member_label(setting: dict[str, Any]) -> str:
-  """`client_learning_rate=0.1,seed=0`: the swept values by name, then the seed."""
-  parts = [f'{k}={setting[k]!r}' for k in sorted(setting) if k != 'seed']
-  return ','.join(parts + [f'seed={setting["seed"]}'])
 
 
 def member_run_dirs(run_dirs: list[str]) -> list[str]:
@@ -197,7 +194,6 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
   """Runs the members of `plan` as one `Sweep` and writes the run directory (see module doc)."""
   import numpy as np
 
-  from fedjax_sync import reporting, sinks
   from fedjax_sync.algorithms.registry import hyperparameter_values
   from fedjax_sync.cli import NONFINITE_RUN, _model_error
   from fedjax_sync.simulate.driver import first_nonfinite
@@ -226,7 +222,6 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
             'cli_args': {**options, 'run_dir': run_dir}}
 
   written = False
-  writers = []
   try:
     run_dir = new_dir.create()
     members = []
@@ -244,18 +239,10 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
     top.update(members=members, sweep={'seeds': plan.seeds, 'hyperparameters': plan.values})
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       json.dump(top, f, indent=2)
-    member_dirs = [os.path.join(run_dir, m['run_dir']) for m in members]
-    writers = ([sinks.TensorBoardWriter(d) for d in member_dirs] if args.tensorboard else [])
 
-    def on_block(_, new_rows):
+    def on_block(states, units_done, histories):
+      del states, units_done, histories
       nonlocal written
-      for i, rows in enumerate(new_rows):
-        reporting.append_metrics(member_dirs[i], rows)
-        if writers:
-          for row in rows:
-            writers[i].write({k: v for k, v in row.items() if k not in sweep.settings[i]
-                              or k == 'round'})
-          writers[i].flush()
       written = True
 
     try:
@@ -263,7 +250,9 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
         states = sweep.init()
       except TypeError as e:
         raise _model_error(args, model_name, data, e) from None
-      result = sweep.run(states, progress=not args.quiet, on_block=on_block)
+      # The driver appends each member's rows to members/<label>/metrics.jsonl.
+      result = sweep.run(states, run_dir=run_dir, progress=not args.quiet,
+                         tensorboard=args.tensorboard, on_block=on_block)
     except ValueError as e:
       if isinstance(e.__cause__, _TRACER_ERRORS):
         raise _untraceable_error(args, sweep, e) from None
@@ -272,9 +261,6 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
     if not written:   # nothing computed: leave no directory (the same command can run again)
       new_dir.__exit__(*sys.exc_info())
     raise
-  finally:
-    for w in writers:
-      w.close()
 
   accuracy = np.array([float(f['test_accuracy']) for f in result.final_evals])
   loss = np.array([float(f['test_loss']) for f in result.final_evals])

@@ -147,3 +147,36 @@ def test_the_cli_checkpoints_and_resumes_an_asynchronous_run(tmp_path, monkeypat
   with open(os.path.join('async', 'config.json')) as f:
     assert json.load(f)['cli_args']['rounds'] == 6
   assert [r for r, _ in checkpoint.list_checkpoints('async/checkpoints')] == [4, 6]
+
+
+def test_fedbuff_with_clip_and_dp_swept_over_three_seeds_resumes_bitwise(tmp_path):
+  # The combination: an asynchronous algorithm, a DP aggregator chain, a
+  # vmapped sweep over seeds, checkpoints, a crash and a resume.
+  single = _runner('semi_async')
+
+  def build(hyperparameters):
+    del hyperparameters
+    return single.algorithm
+
+  sweep = fs.Sweep(build, MODEL, DATA, single.config, seeds=[1, 2, 3], clock=single.clock)
+  assert sweep.unit == 'aggregation' and sweep.members == 3
+  full_dir, crashed = str(tmp_path / 'full'), str(tmp_path / 'crashed')
+  full = checkpoint.run_with_checkpoints(sweep, sweep.init(), run_dir=full_dir, every=2,
+                                         progress=False, log=_quiet)
+  with pytest.raises(_Crash):
+    checkpoint.run_with_checkpoints(sweep, sweep.init(), run_dir=crashed, every=2,
+                                    progress=False, log=_quiet, on_block=_crash_after(2))
+  resumed = checkpoint.run_with_checkpoints(sweep, sweep.init(), run_dir=crashed, every=2,
+                                            resume=True, progress=False, log=_quiet)
+  for a, b in zip(jax.tree.leaves(full.states), jax.tree.leaves(resumed.states)):
+    np.testing.assert_array_equal(_host(a), _host(b))
+  assert resumed.histories == full.histories
+  for a, b in zip(sweep.member_dirs(full_dir), sweep.member_dirs(crashed)):
+    assert reporting.read_metrics(a) == reporting.read_metrics(b)
+    assert [r['round'] for r in reporting.read_metrics(b)] == list(range(1, UNITS + 1))
+  # Seeds differ; member seed=3 is the single run with seed 3 (to float tolerance).
+  losses = [h[-1]['train_loss'] for h in full.histories]
+  assert len(set(losses)) == 3
+  reference = single.run(single.init())
+  np.testing.assert_allclose([r['train_loss'] for r in full.histories[2]],
+                             [r['train_loss'] for r in reference.history], rtol=1e-4)

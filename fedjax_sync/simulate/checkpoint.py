@@ -318,8 +318,10 @@ def run_with_checkpoints(simulator, state: Any = None, *, run_dir: str,
 
   Args:
     simulator: a runner of the one driver: `Simulator`, `MultiHostSimulator`,
-      `SemiAsyncSimulator` (units are aggregations) or `AveragingSimulator`
-      (units are local steps).
+      `SemiAsyncSimulator` (units are aggregations), `AveragingSimulator` (units
+      are local steps) or a `Sweep` (its members' rows go to
+      `<run_dir>/members/<label>/metrics.jsonl`; the checkpoint holds every
+      member's state and history).
     state: the initial state (default `simulator.init()`); also the template.
     run_dir: run directory (relative paths are fine); checkpoints go to
       `<run_dir>/checkpoints`, metrics to `<run_dir>/metrics.jsonl`.
@@ -356,7 +358,10 @@ def run_with_checkpoints(simulator, state: Any = None, *, run_dir: str,
   absolute = os.path.abspath(run_dir)   # orbax needs absolute paths; the user's run_dir
   directory = os.path.join(absolute, CHECKPOINT_DIR)   # is kept for messages
   state = simulator.init() if state is None else state
-  history: list[dict[str, Any]] = []
+  # A sweep (`members = S`) keeps one history and one metrics file per member.
+  members = getattr(simulator, 'members', None)
+  metrics_dirs = (simulator.member_dirs(absolute) if members is not None else [absolute])
+  history: list = [] if members is None else [[] for _ in range(members)]
   start = 0
   primary = jax.process_index() == 0
   if resume:
@@ -367,32 +372,40 @@ def run_with_checkpoints(simulator, state: Any = None, *, run_dir: str,
     if on_start is not None:
       on_start(start)
     if primary:   # rows written after the checkpoint go; a lost file comes back
-      reporting.write_metrics(absolute, history)
+      for d, rows in zip(metrics_dirs, [history] if members is None else history):
+        os.makedirs(d, exist_ok=True)
+        reporting.write_metrics(d, rows)
     log(f'fedjax-sync: resumed from round {start} ({restored.path})')
   else:
     if list_checkpoints(directory):
       raise ValueError(f'{os.path.join(run_dir, CHECKPOINT_DIR)} already holds checkpoints; '
                        'continue with resume=True (fedjax-sync run --resume) or choose a new '
                        'run directory')
-    if reporting.last_metrics_round(absolute) > 0:
-      reporting.open_metrics(absolute, 0).close()   # raises: the rounds would be written twice
+    for d in metrics_dirs:
+      if reporting.last_metrics_round(d) > 0:
+        reporting.open_metrics(d, 0).close()   # raises: the rounds would be written twice
     if on_start is not None:
       on_start(0)
     os.makedirs(absolute, exist_ok=True)
   num_rounds = simulator.num_units
   interrupted = threading.Event()
 
+  def joined(new_history):
+    if members is None:
+      return history + new_history
+    return [old + new for old, new in zip(history, new_history)]
+
   def hook(new_state, rounds_done, new_history):
     due = (every is not None and rounds_done % every == 0) or rounds_done == num_rounds
     if due or interrupted.is_set():
-      path = save(directory, new_state, rounds_done, history + new_history, keep=keep,
+      path = save(directory, new_state, rounds_done, joined(new_history), keep=keep,
                   identity=identity)
       if interrupted.is_set() and rounds_done < num_rounds:
         log(f'fedjax-sync: interrupted; saved round {rounds_done} to {path}; '
             f'continue with --resume {run_dir}')
         raise RunInterrupted(rounds_done, path)
     if on_block is not None:
-      on_block(new_state, rounds_done, history + new_history)
+      on_block(new_state, rounds_done, joined(new_history))
 
   def handler(signum, frame):
     del signum, frame
@@ -415,4 +428,6 @@ def run_with_checkpoints(simulator, state: Any = None, *, run_dir: str,
   finally:
     if in_main:
       signal.signal(signal.SIGINT, previous)
-  return result._replace(history=history + result.history)
+  if members is not None:
+    return result._replace(histories=joined(result.histories))
+  return result._replace(history=joined(result.history))

@@ -29,14 +29,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import time
+import os
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sync import sinks
 from fedjax_sync.algorithms.registry import (Hyperparameters, algorithm_hyperparameters,
                                              build_algorithm)
 from fedjax_sync.clients.execution import ClientExecution
@@ -44,9 +43,14 @@ from fedjax_sync.data.batching import make_client_batch, pad_clients, sample_cli
 from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
-from fedjax_sync.simulate.rounds import (SimulationConfig, block_schedule, distinct_buffers,
-                                         fresh_buffers)
+from fedjax_sync.simulate.clock import ClientClock
+from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers
+from fedjax_sync.simulate.population import check_asynchronous
+from fedjax_sync.simulate.rounds import SimulationConfig
+from fedjax_sync.simulate.semi_async import AsyncConfig, make_async_engine
 from fedjax_sync.types import Algorithm, ServerState
+
+MEMBERS_DIR = 'members'
 
 BuildAlgorithm = Callable[[Mapping[str, jax.Array]], Algorithm]
 
@@ -115,9 +119,10 @@ class Sweep:
     execution: client execution strategy (vmap/chunked/sequential; no mesh).
   """
 
-  def __init__(self, build: BuildAlgorithm, model, data: FederatedData, config: SimulationConfig,
-               *, seeds: Sequence[int], hyperparameters: Mapping[str, Sequence[float]] | None = None,
-               execution: ClientExecution = ClientExecution()):
+  def __init__(self, build: BuildAlgorithm, model, data: FederatedData,
+               config: SimulationConfig | AsyncConfig, *, seeds: Sequence[int],
+               hyperparameters: Mapping[str, Sequence[float]] | None = None,
+               execution: ClientExecution = ClientExecution(), clock: ClientClock | None = None):
     seeds = [int(s) for s in seeds]
     if not seeds:
       raise ValueError('a sweep needs at least one seed, got seeds=[]')
@@ -135,7 +140,21 @@ class Sweep:
     self.build = build
     self.model = model
     self.data = data
-    self.config = config.validate(data.num_clients)
+    self.asynchronous = isinstance(config, AsyncConfig)
+    if self.asynchronous:
+      if clock is None:
+        raise ValueError('an asynchronous sweep (AsyncConfig) needs the clients\' clock: '
+                         'Sweep(..., clock=make_clock(...))')
+      if clock.num_clients != data.num_clients:
+        raise ValueError(f'the clock has {clock.num_clients} clients, the data '
+                         f'{data.num_clients}')
+      self.config = config.validate()
+    else:
+      if clock is not None:
+        raise ValueError('clock= applies to asynchronous sweeps (AsyncConfig); a synchronous '
+                         'algorithm takes its clock through simulate.with_clock')
+      self.config = config.validate(data.num_clients)
+    self.clock = clock
     self.execution = execution.validate()
     names = sorted(hyperparameters)
     self.settings = [dict(seed=s, **dict(zip(names, values)))
@@ -150,8 +169,8 @@ class Sweep:
     if positive.size == 0:
       raise ValueError('the dataset has no client with examples')
     self._max_count = int(positive.max())
-    self._evaluate = jax.jit(jax.vmap(
-        make_evaluator(model.evaluate, data, per_client=config.per_client_eval)))
+    per_client = (not self.asynchronous) and config.per_client_eval
+    self._evaluate = jax.jit(jax.vmap(make_evaluator(model.evaluate, data, per_client=per_client)))
     self._blocks: dict[int, Callable] = {}
     self._init: Callable | None = None
 
@@ -175,26 +194,53 @@ class Sweep:
               for s in range(self.num_simulations)]
     params = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
     if self._init is None:
-      def one(params, hypers):
-        algorithm = self.build(hypers)
-        check_synchronous(algorithm, 'Sweep')
-        state = algorithm.init(params)
-        check_population(algorithm, self.data.num_clients, state.client_states)
-        return state
-      self._init = jax.jit(jax.vmap(one))
+      self._init = jax.jit(jax.vmap(self._member_init))
     with self._traceable_hyperparameters():
-      return self._init(params, self._hypers)
+      return self._init(params, self._hypers, self._run_keys)
 
-  def _block(self, states: ServerState, length: int) -> Callable:
+  def _engine(self, hypers, run_key):
+    """The semi-asynchronous engine `(init, step)` of one member (inside the trace)."""
+    algorithm = self.build(hypers)
+    check_asynchronous(algorithm, 'Sweep')
+    cfg = self.config
+
+    def batch_fn(key, ids):
+      return make_client_batch(key, self._device_data, ids, cfg.local_work,
+                               max_count=self._max_count)
+
+    return make_async_engine(algorithm, self.clock, batch_fn, buffer_size=cfg.buffer_size,
+                             max_staleness=cfg.max_staleness, restart=cfg.restart,
+                             run_key=run_key, execution=self.execution)
+
+  def _member_init(self, params, hypers, run_key):
+    """One member's initial state (synchronous: the algorithm's; asynchronous: the engine's)."""
+    if self.asynchronous:
+      return self._engine(hypers, run_key)[0](params)
+    algorithm = self.build(hypers)
+    check_synchronous(algorithm, 'Sweep')
+    state = algorithm.init(params)
+    check_population(algorithm, self.data.num_clients, state.client_states)
+    return state
+
+  def _member_block(self, state, run_key, hypers, start, length: int):
+    """`length` units of one member from unit `start`, as one `lax.scan`."""
+    if self.asynchronous:
+      step = self._engine(hypers, run_key)[1]
+      return jax.lax.scan(lambda c, _: step(c), state, None, length=length)
+    algorithm = self.build(hypers)
+    check_synchronous(algorithm, 'Sweep')
+    check_population(algorithm, self.data.num_clients, state.client_states)
+
+    def body(s, r):
+      batch, key = self._sample_round(run_key, r)
+      return algorithm.round(s, batch, key)
+
+    return jax.lax.scan(body, state, start + jnp.arange(length))
+
+  def _block(self, states, length: int) -> Callable:
     if length not in self._blocks:
       def one(state, run_key, hypers, start):
-        algorithm = self.build(hypers)
-        check_synchronous(algorithm, 'Sweep')
-        check_population(algorithm, self.data.num_clients, state.client_states)
-        def body(s, r):
-          batch, key = self._sample_round(run_key, r)
-          return algorithm.round(s, batch, key)
-        return jax.lax.scan(body, state, start + jnp.arange(length))
+        return self._member_block(state, run_key, hypers, start, length)
       block = jax.vmap(one, in_axes=(0, 0, 0, None))
       with self._traceable_hyperparameters():
         self._blocks[length] = jax.jit(block, donate_argnums=0).lower(
@@ -233,10 +279,10 @@ class Sweep:
     culprits = []
     for name in names:
       def probe(run_key, value, name=name):
-        algorithm = self.build({**first, name: value})
-        state = algorithm.init(self.model.init(jax.random.fold_in(run_key, _INIT_INDEX)))
-        batch, key = self._sample_round(run_key, 0)
-        return algorithm.round(state, batch, key)
+        hypers = {**first, name: value}
+        params = self.model.init(jax.random.fold_in(run_key, _INIT_INDEX))
+        state = self._member_init(params, hypers, run_key)
+        return self._member_block(state, run_key, hypers, 0, 1)
       try:
         jax.eval_shape(probe, self._run_keys[0], jnp.asarray(first.get(name, 0.5), jnp.float32))
       except _TRACER_ERRORS:
@@ -255,63 +301,95 @@ class Sweep:
 
   def evaluate(self, states: ServerState) -> dict[str, np.ndarray]:
     """Evaluation metrics of every simulation, stacked `[S, ...]`."""
-    return jax.device_get(self._evaluate(states.params))
+    return jax.device_get(self._evaluate(self.evaluated_model(states)[0]))
 
-  def run(self, states: ServerState, *, progress: bool = False,
-          on_block: Callable[[int, list[list[dict[str, Any]]]], None] | None = None
+  def run(self, states, *, start_round: int = 0, run_dir: str | None = None,
+          progress: bool = False, tensorboard: bool = False, on_block: Callable | None = None,
+          block_every: int | None = None, evaluation_hooks: Sequence[Callable] = ()
           ) -> SweepResult:
-    """Runs all rounds of every simulation, evaluating every `config.eval_every` rounds.
+    """Runs every simulation through the one driver, evaluating every `eval_every` units.
 
-    `states` is copied once before the first (donating) block, so it stays usable.
-    `on_block(rounds_done, new_rows)`, if given, is called after each block with each
-    simulation's rows of that block (`new_rows[s]`), e.g. to append them to files.
+    `states` (the stacked states after `start_round` units) is copied once before the
+    first (donating) block, so it stays usable.
+
+    Args:
+      run_dir: if given, member s appends its rows to
+        `<run_dir>/members/<member_label(settings[s])>/metrics.jsonl` (created).
+      progress, tensorboard, block_every, evaluation_hooks: as `Simulator.run`
+        (hooks return `[S]` values).
+      on_block: `on_block(states, units_done, histories)` after each block (e.g. to
+        checkpoint: `run_with_checkpoints` takes a sweep).
     """
+    run_dirs = None
+    if run_dir is not None:
+      run_dirs = self.member_dirs(run_dir)
+      for d in run_dirs:
+        os.makedirs(d, exist_ok=True)
+    result = drive(self, fresh_buffers(states), start=start_round, run_dirs=run_dirs,
+                   progress=progress, tensorboard=tensorboard, on_block=on_block,
+                   block_every=block_every, evaluation_hooks=evaluation_hooks,
+                   settings=self.settings,
+                   description=f'{self.num_simulations} simulations')
+    return SweepResult(states=result.state, settings=list(self.settings),
+                       histories=result.histories, final_evals=result.final_evals,
+                       compile_seconds=result.compile_seconds, run_seconds=result.run_seconds)
+
+  def member_dirs(self, run_dir: str) -> list[str]:
+    """`<run_dir>/members/<label>` of every member, in grid order."""
+    return [os.path.join(run_dir, MEMBERS_DIR, member_label(s)) for s in self.settings]
+
+  # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
+  @property
+  def unit(self) -> str:
+    return 'aggregation' if self.asynchronous else 'round'
+
+  @property
+  def members(self) -> int:
+    return self.num_simulations
+
+  @property
+  def num_units(self) -> int:
+    return self.config.num_aggregations if self.asynchronous else self.config.num_rounds
+
+  @property
+  def eval_every(self) -> int:
+    return self.config.eval_every
+
+  def is_compiled(self, states, length: int) -> bool:
+    return length in self._blocks
+
+  def compile(self, states, length: int) -> None:
+    self._block(states, length)
+
+  def run_units(self, states, start: int, length: int):
+    return self.run_rounds(states, start, length)
+
+  def evaluate_state(self, states) -> dict[str, Any]:
+    return self.evaluate(states)
+
+  def evaluated_model(self, states):
+    """`(params [S, ...], client states [S, N, ...])` of every member."""
+    server = states.server if self.asynchronous else states
+    return server.params, server.client_states
+
+  def identity(self) -> dict[str, Any]:
+    """What a checkpoint must agree with to continue this sweep."""
     cfg = self.config
-    histories: list[list[dict[str, Any]]] = [[] for _ in self.settings]
-    bar = None
-    if progress:
-      from tqdm.auto import tqdm
-      bar = tqdm(total=cfg.num_rounds, unit='round', dynamic_ncols=True,
-                 desc=f'{self.num_simulations} simulations',
-                 bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]',
-                 postfix=sinks.format_rate(None, None))
-    clock = sinks.BlockClock()   # rate from the end of the first (compiling) block
-    compile_seconds, started = 0.0, time.perf_counter()
-    evaluation: dict[str, np.ndarray] = {}
-    states = fresh_buffers(states)
-    try:
-      for r, length, _ in block_schedule(0, cfg.num_rounds, cfg.eval_every):
-        if length not in self._blocks:
-          t0 = time.perf_counter()
-          self._block(states, length)
-          compile_seconds += time.perf_counter() - t0
-        states, stacked = self.run_rounds(states, r, length)
-        stacked = jax.device_get(stacked)
-        evaluation = self.evaluate(states)
-        before = [len(h) for h in histories]
-        for s, history in enumerate(histories):
-          for i in range(length):
-            row = {'round': r + i + 1, **self.settings[s]}
-            row.update({k: float(v[s, i]) for k, v in stacked.items() if np.ndim(v) == 2})
-            if i == length - 1:
-              row.update({k: float(v[s]) for k, v in evaluation.items() if np.ndim(v) == 1})
-            history.append(row)
-        if on_block is not None:
-          on_block(r + length, [h[n:] for h, n in zip(histories, before)])
-        if bar is not None:
-          rate = clock.after_block(length, compile_seconds, cfg.num_rounds - (r + length))
-          bar.set_postfix_str(
-              f"mean acc={float(np.mean(evaluation['test_accuracy'])):.4f}, {rate}", refresh=False)
-          bar.update(length)
-    finally:
-      if bar is not None:
-        bar.close()
-    if not evaluation:
-      evaluation = self.evaluate(states)
-    finals = [{k: v[s] for k, v in evaluation.items()} for s in range(self.num_simulations)]
-    return SweepResult(states=states, settings=list(self.settings), histories=histories,
-                       final_evals=finals, compile_seconds=compile_seconds,
-                       run_seconds=time.perf_counter() - started - compile_seconds)
+    return {'sweep': [dict(s) for s in self.settings],
+            'dataset': getattr(self.data, 'name', None),
+            'num_clients': int(self.data.num_clients),
+            'timeline': 'semi_async' if self.asynchronous else 'synchronous',
+            'local_work': list(cfg.local_work),
+            **({'buffer_size': cfg.buffer_size, 'max_staleness': cfg.max_staleness,
+                'restart': cfg.restart} if self.asynchronous else
+               {'clients_per_round': cfg.clients_per_round,
+                'proportional_sampling': cfg.proportional_sampling})}
+
+
+def member_label(setting: Mapping[str, Any]) -> str:
+  """`client_learning_rate=0.1,seed=0`: a member's swept values by name, then its seed."""
+  parts = [f'{k}={setting[k]!r}' for k in sorted(setting) if k != 'seed']
+  return ','.join(parts + [f'seed={setting["seed"]}'])
 
 
 # What JAX raises when a traced value is used where a Python value is needed.

@@ -17,7 +17,7 @@ import pytest
 
 from fedjax_sync import aggregators as agg
 from fedjax_sync.aggregators.rotation import (hadamard_transform, padded_size, random_rotation,
-                                              undo_random_rotation)
+                                              random_signs, undo_random_rotation)
 
 # ------------------------------------------------------------------------------- Bulyan
 
@@ -127,6 +127,11 @@ def test_hadamard_rotation_is_orthogonal_and_undone():
   round_trip = jax.jit(lambda v: undo_random_rotation(key, random_rotation(key, v)))
   np.testing.assert_allclose(round_trip(x), x, atol=1e-6)
   assert [padded_size(d) for d in (1, 2, 3, 16, 17, 1000)] == [1, 2, 4, 16, 32, 1024]
+  signs = np.asarray(random_signs(key, 100_003))   # fair, independent ±1 (not a multiple of 32)
+  assert signs.shape == (100_003,) and set(np.unique(signs)) == {-1.0, 1.0}
+  assert abs(signs.mean()) < 5 / math.sqrt(len(signs))
+  assert abs(np.mean(signs[1:] * signs[:-1])) < 5 / math.sqrt(len(signs))
+  assert abs(np.mean(signs[32:] * signs[:-32])) < 5 / math.sqrt(len(signs))
   with pytest.raises(ValueError, match='power-of-two length, got 12'):
     hadamard_transform(jnp.zeros(12))
 

@@ -25,7 +25,7 @@ from fedjax_sync.aggregators.base import TRANSFORM, Aggregator, compute_dtype
 from fedjax_sync.aggregators.compress import _check_count, client_keys
 from fedjax_sync.aggregators.reduce import MetricsState
 
-__all__ = ['drive', 'hadamard_transform', 'padded_size', 'random_rotation',
+__all__ = ['drive', 'hadamard_transform', 'padded_size', 'random_rotation', 'random_signs',
            'rotated_quantize', 'undo_random_rotation']
 
 
@@ -37,34 +37,53 @@ def padded_size(d: int) -> int:
 def hadamard_transform(x: jax.Array) -> jax.Array:
   """Orthonormal fast Walsh-Hadamard transform `H x / √n` along the last axis.
 
-  n = x.shape[-1] must be a power of two. log₂ n butterfly passes, O(n log n);
-  the transform is symmetric and its own inverse.
+  n = x.shape[-1] must be a power of two. Butterflies of two levels at a time
+  (radix 4, the same additions as two radix-2 levels: bitwise the same result),
+  ⌈log₂ n / 2⌉ passes over x, O(n log n); the transform is symmetric and its own
+  inverse. Radix 4 measured 68 ms against 95 ms for radix 2 on `[10, 2¹⁸]`
+  float32 (memory-bound passes; 2026-11-30, 2-core AMD EPYC CPU, shared with
+  parallel work).
   """
   n = x.shape[-1]
   if n & (n - 1) or n == 0:
     raise ValueError(f'hadamard_transform needs a power-of-two length, got {n}')
   lead = x.shape[:-1]
-  half = 1
-  while half < n:
-    pairs = x.reshape(lead + (n // (2 * half), 2, half))
-    a, b = pairs[..., 0, :], pairs[..., 1, :]
-    x = jnp.stack([a + b, a - b], axis=-2).reshape(lead + (n,))
-    half *= 2
+  span = 1
+  while span < n:
+    if 4 * span <= n:
+      quads = x.reshape(lead + (n // (4 * span), 4, span))
+      a, b, c, d = (quads[..., i, :] for i in range(4))
+      s, t, u, v = a + b, a - b, c + d, c - d
+      x = jnp.stack([s + u, t + v, s - u, t - v], axis=-2).reshape(lead + (n,))
+      span *= 4
+    else:
+      pairs = x.reshape(lead + (n // (2 * span), 2, span))
+      a, b = pairs[..., 0, :], pairs[..., 1, :]
+      x = jnp.stack([a + b, a - b], axis=-2).reshape(lead + (n,))
+      span *= 2
   return x * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
 
 
-def _signs(key: jax.Array, n: int, dtype) -> jax.Array:
-  return jax.random.rademacher(key, (n,), jnp.int32).astype(dtype)
+def random_signs(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
+  """`[n]` independent ±1 with probability 1/2 each: the bits of ⌈n/32⌉ random words.
+
+  One 32-bit word per 32 signs (`jax.random.rademacher` draws a word per sign:
+  measured 171 ms against 3 ms for 10 × 2¹⁸ signs, 2026-11-30, 2-core AMD EPYC
+  CPU, shared with parallel work).
+  """
+  words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
+  bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
+  return (1 - 2 * bits.reshape(-1)[:n].astype(jnp.int32)).astype(dtype)
 
 
 def random_rotation(key: jax.Array, x: jax.Array) -> jax.Array:
   """`R x = H D x / √n` for `x` `[n]` (n a power of two), D random signs from `key`."""
-  return hadamard_transform(_signs(key, x.shape[-1], x.dtype) * x)
+  return hadamard_transform(random_signs(key, x.shape[-1], x.dtype) * x)
 
 
 def undo_random_rotation(key: jax.Array, y: jax.Array) -> jax.Array:
   """`R⁻¹ y = D H y / √n`: the inverse (and transpose) of `random_rotation(key, ·)`."""
-  return _signs(key, y.shape[-1], y.dtype) * hadamard_transform(y)
+  return random_signs(key, y.shape[-1], y.dtype) * hadamard_transform(y)
 
 
 def _rotated_transform(name: str, bits_fn, encode):
@@ -96,9 +115,10 @@ def _rotated_transform(name: str, bits_fn, encode):
 
     def one(k, x, norm):
       rotation_key, noise_key = jax.random.split(k)
-      y = random_rotation(rotation_key, x)
+      signs = random_signs(rotation_key, n, dtype)   # D, drawn once for R and R⁻¹
+      y = hadamard_transform(signs * x)
       u = jax.random.uniform(noise_key, (n,), jnp.float32).astype(dtype)
-      return undo_random_rotation(rotation_key, encode(y, norm, u))[:d]
+      return (signs * hadamard_transform(encode(y, norm, u)))[:d]
 
     decoded = jax.vmap(one)(keys, padded, jnp.where(finite, norms, 0.0))
     like = jax.tree.map(lambda x: x[0], updates)

@@ -889,7 +889,8 @@ def _run(args, given: set[str] = frozenset()) -> int:
     return cli_sweeps.run_sweep(
         args, sweep_plan, model=model, model_name=model_name, data=data,
         partition=_partition_record(partition), fingerprint=fingerprint, work=work,
-        execution=execution, engine=engine, hparams=hparams, config=config, new_dir=new_dir)
+        execution=execution, engine=engine, hparams=hparams, config=config,
+        new_dir=None if resuming else new_dir, resuming=resuming)
   simulator = fs.Simulator(algorithm, model, data, config, execution=execution)
   try:
     state = simulator.init()

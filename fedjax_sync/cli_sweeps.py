@@ -66,28 +66,21 @@ def check_options(args) -> None:
   """Options a sweep cannot take yet: one-line errors, never silently ignored."""
   if not is_sweep(args):
     return
-  from fedjax_sync.algorithms.registry import SYNCHRONOUS, algorithm_names, algorithm_timeline
+  from fedjax_sync.algorithms.registry import (AVERAGING, SEMI_ASYNC, SYNCHRONOUS, algorithm_names,
+                                               algorithm_timeline)
   timeline = algorithm_timeline(args.algorithm)
-  if timeline != SYNCHRONOUS:
-    synchronous = algorithm_names(SYNCHRONOUS)
+  if timeline == AVERAGING:
+    vmappable = algorithm_names(SYNCHRONOUS) + algorithm_names(SEMI_ASYNC)
     raise ValueError(f'{_sweep_flags(args)} with --algorithm {args.algorithm}: sweeps run the '
-                     f'synchronous timeline only, and {args.algorithm} runs on the {timeline} '
-                     f'timeline; valid: a synchronous algorithm ({", ".join(synchronous)}), or '
-                     f'one fedjax-sync run per seed/value of {args.algorithm}')
-  if getattr(args, 'resume', None):
-    raise ValueError(f'--resume with {_sweep_flags(args)}: sweeps (--seeds/--sweep) cannot be '
-                     'checkpointed yet, so there is nothing to resume; valid: run the sweep '
-                     'again, or checkpoint one run per seed/value (--checkpoint-every K)')
-  if getattr(args, 'checkpoint_every', None):
-    raise ValueError(f'--checkpoint-every with {_sweep_flags(args)}: sweeps (--seeds/--sweep) '
-                     'cannot be checkpointed yet; valid: drop --checkpoint-every, or run one '
-                     'fedjax-sync run per seed/value to checkpoint it')
+                     f'synchronous and semi-asynchronous timelines, and {args.algorithm} runs on '
+                     f'the {timeline} timeline; valid: {", ".join(vmappable)}, or one '
+                     f'fedjax-sync run per seed/value of {args.algorithm}')
   if getattr(args, 'shard', False):
     raise ValueError(f'--shard with {_sweep_flags(args)}: a sweep vmaps its members on one '
                      'device set and cannot shard clients; valid: drop --shard')
   from fedjax_sync.cli import _flag, _run_options, build_parser
   defaults = {dest: action.default for dest, action in _run_options(build_parser()).items()}
-  for dest in _CLOCK_FLAGS:
+  for dest in _CLOCK_FLAGS if timeline == SYNCHRONOUS else ():
     if dest in defaults and getattr(args, dest, defaults[dest]) != defaults[dest]:
       raise ValueError(f'{_flag(dest)} does not apply to --seeds/--sweep ({_sweep_flags(args)}): '
                        'sweeps do not simulate a clock or round policy yet (each seed would draw '
@@ -190,21 +183,30 @@ def _untraceable_error(args, sweep, error: ValueError) -> ValueError:
 
 
 def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition, fingerprint,
-              work, execution, engine: dict, hparams, config, new_dir) -> int:
-  """Runs the members of `plan` as one `Sweep` and writes the run directory (see module doc)."""
+              work, execution, engine: dict, hparams, config, new_dir=None,
+              resuming: bool = False, clock=None, extra_record: dict | None = None) -> int:
+  """Runs the members of `plan` as one `Sweep` and writes the run directory (see module doc).
+
+  `config` is a `SimulationConfig` (synchronous rounds) or an `AsyncConfig` with the
+  `clock` (semi-asynchronous aggregations). With `--checkpoint-every` the whole sweep
+  is checkpointed; `resuming` continues the sweep in `args.resume`.
+  """
   import numpy as np
 
   from fedjax_sync.algorithms.registry import hyperparameter_values
-  from fedjax_sync.cli import NONFINITE_RUN, _model_error
+  from fedjax_sync.cli import NONFINITE_RUN, _identity_options, _model_error
+  from fedjax_sync.simulate import checkpoint
   from fedjax_sync.simulate.driver import first_nonfinite
   from fedjax_sync.simulate.sweep import _TRACER_ERRORS, Sweep, registered_algorithm
 
-  build = registered_algorithm(args.algorithm, model.loss, hparams,
+  build = registered_algorithm(args.algorithm, model.loss, hparams, timeline=None,
                                num_clients=data.num_clients, execution=execution, **engine)
   sweep = Sweep(build, model, data, config, seeds=plan.seeds, hyperparameters=plan.values,
-                execution=execution)
+                execution=execution, clock=clock)
   labels = [member_label(s) for s in sweep.settings]
   cli_args = {k: v for k, v in vars(args).items() if k != 'resume'}
+  identity = {**sweep.identity(), 'algorithm': args.algorithm, 'model': model_name,
+              'options': _identity_options(args)}
 
   def record(setting, run_dir, options):
     return {'command': 'run', 'algorithm': args.algorithm, 'dataset': args.dataset,
@@ -217,17 +219,16 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
             'aggregator': args.aggregator,
             'simulation': {**dataclasses.asdict(config), 'seed': setting['seed'],
                            'local_work': work._asdict()},
+            **(extra_record or {}),
             'execution': {'strategy': args.execution, 'chunk_size': args.chunk_size,
                           'devices': execution.num_shards},
             'cli_args': {**options, 'run_dir': run_dir}}
 
-  written = False
-  try:
-    run_dir = new_dir.create()
+  def write_configs(run_dir):
     members = []
     for setting, label in zip(sweep.settings, labels):
       member_dir = os.path.join(run_dir, MEMBERS_DIR, label)
-      os.makedirs(member_dir)
+      os.makedirs(member_dir, exist_ok=True)
       # What `fedjax-sync run` of this member alone would be given and would write.
       hparam = (args.hparam or []) + [f'{k}={v!r}' for k, v in setting.items() if k != 'seed']
       options = {**cli_args, 'seed': setting['seed'], 'seeds': None, 'sweep': None,
@@ -240,26 +241,44 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       json.dump(top, f, indent=2)
 
-    def on_block(states, units_done, histories):
-      del states, units_done, histories
-      nonlocal written
-      written = True
+  written = False
 
+  def on_block(states, units_done, histories):
+    del states, units_done, histories
+    nonlocal written
+    written = True
+
+  progress = not args.quiet
+  try:
     try:
+      states = sweep.init()
+    except TypeError as e:
+      raise _model_error(args, model_name, data, e) from None
+    if resuming:   # the checkpoint holds every member's state and rows
+      run_dir = args.resume
+      result = checkpoint.run_with_checkpoints(
+          sweep, states, run_dir=run_dir, every=args.checkpoint_every, resume=True,
+          progress=progress, identity=identity, on_start=lambda _: write_configs(run_dir),
+          tensorboard=args.tensorboard)
+    else:
       try:
-        states = sweep.init()
-      except TypeError as e:
-        raise _model_error(args, model_name, data, e) from None
-      # The driver appends each member's rows to members/<label>/metrics.jsonl.
-      result = sweep.run(states, run_dir=run_dir, progress=not args.quiet,
-                         tensorboard=args.tensorboard, on_block=on_block)
-    except ValueError as e:
-      if isinstance(e.__cause__, _TRACER_ERRORS):
-        raise _untraceable_error(args, sweep, e) from None
-      raise
-  except BaseException:
-    if not written:   # nothing computed: leave no directory (the same command can run again)
-      new_dir.__exit__(*sys.exc_info())
+        run_dir = new_dir.create()
+        write_configs(run_dir)
+        if args.checkpoint_every:
+          result = checkpoint.run_with_checkpoints(
+              sweep, states, run_dir=run_dir, every=args.checkpoint_every, progress=progress,
+              identity=identity, tensorboard=args.tensorboard, on_block=on_block)
+        else:
+          # The driver appends each member's rows to members/<label>/metrics.jsonl.
+          result = sweep.run(states, run_dir=run_dir, progress=progress,
+                             tensorboard=args.tensorboard, on_block=on_block)
+      except BaseException:
+        if not written:   # nothing computed: leave no directory (the command can run again)
+          new_dir.__exit__(*sys.exc_info())
+        raise
+  except ValueError as e:
+    if isinstance(e.__cause__, _TRACER_ERRORS):
+      raise _untraceable_error(args, sweep, e) from None
     raise
 
   accuracy = np.array([float(f['test_accuracy']) for f in result.final_evals])
@@ -269,7 +288,8 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
       print(f'  {label}: test accuracy {a:.4f}, test loss {l:.4f}')
   print(f'{args.algorithm} on {data.name}, {len(labels)} members in one program: test accuracy '
         f'{accuracy.mean():.4f} ± {accuracy.std():.4f}, test loss {loss.mean():.4f} ± '
-        f'{loss.std():.4f} (mean ± std) after {args.rounds} rounds ({result.run_seconds:.1f} s, '
+        f'{loss.std():.4f} (mean ± std) after {args.rounds} {sweep.unit}s '
+        f'({result.run_seconds:.1f} s, '
         f'compile {result.compile_seconds:.1f} s); results in '
         f'{os.path.join(run_dir, MEMBERS_DIR)}')
   diverged = []

@@ -12,9 +12,11 @@ row per unit of the timeline with `round` = its 1-based index (a server
 aggregation, or an FDA local step, also named `aggregation` / `step`), the
 training metrics, and the evaluation metrics on the last row of each
 `--eval-every` block (and, with `--tensorboard`, the same rows as event files).
-Flags this path does not support (`--seeds`/`--sweep`, `--clients-per-round`, and
-for FDA the clock and local-work flags) are one-line errors naming the timeline,
-never silently ignored.
+`--seeds`/`--sweep` on an asynchronous algorithm vmap its engine over the members
+(`Sweep` with an `AsyncConfig`; every member shares the clock of the run's clock
+flags). Flags this path does not support (`--clients-per-round`; for FDA the
+clock, local-work and sweep flags) are one-line errors naming the timeline, never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ CLOCK_DEFAULTS = {'clock': 'constant', 'clock_sigma': 1.0, 'speed_ratio': 10.0,
 
 # Flags of synchronous runs that these timelines do not take, with the reason.
 _NOT_SUPPORTED = {
-    'seeds': 'seed sweeps run synchronous rounds only; run one --seed per run',
-    'sweep': 'hyperparameter sweeps run synchronous rounds only',
     'quick': '--quick applies to --config studies',
 }
 _NOT_FOR_ASYNC = {
@@ -48,6 +48,9 @@ _NOT_FOR_ASYNC = {
              '--hparam buffer_size=K arrivals' for flag in POLICY_FLAGS},
 }
 _NOT_FOR_AVERAGING = {
+    'seeds': 'seed sweeps vmap synchronous rounds and asynchronous aggregations, not FDA '
+             'steps; run one --seed per run',
+    'sweep': 'sweeps vmap synchronous rounds and asynchronous aggregations, not FDA steps',
     'clients_per_round': 'all --hparam num_workers=K workers train every step',
     'local_steps': 'FDA timelines take one local step per unit; --rounds counts steps',
     'local_epochs': 'FDA timelines take one local step per unit; --rounds counts steps',
@@ -238,6 +241,15 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
     record['simulation'] = {**dataclasses.asdict(config), 'local_work': work._asdict(),
                             'rounds_are': 'server aggregations'}
     record['clock'] = clock_record(args)
+    from fedjax_sync import cli_sweeps
+    if cli_sweeps.is_sweep(args):   # --seeds/--sweep: every member in one vmapped program
+      return cli_sweeps.run_sweep(
+          args, cli_sweeps.plan_sweep(args, given), model=model, model_name=model_name,
+          data=data, partition=cli._partition_record(partition),   # noqa: SLF001
+          fingerprint=fingerprint, work=work, execution=execution, engine=engine,
+          hparams=hparams, config=config, new_dir=None if resuming else new_dir,
+          resuming=resuming, clock=clock,
+          extra_record={'timeline': timeline, 'clock': record['clock']})
     simulator = fs.SemiAsyncSimulator(algorithm, model, data, clock, config,
                                       execution=execution)
   else:

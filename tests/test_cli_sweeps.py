@@ -115,10 +115,6 @@ def test_an_untraceable_key_names_the_keys_that_can_be_swept(tmp_path, capsys):
      '--sweep client_learning_rate=0.1 and --client-lr both set client_learning_rate'),
     (['--sweep', 'client_learning_rate=0.1', '--hparam', 'client_learning_rate=0.2'],
      'and --hparam client_learning_rate both set client_learning_rate'),
-    (['--seeds', '2', '--checkpoint-every', '1'], '--checkpoint-every with --seeds 2: sweeps '
-     '(--seeds/--sweep) cannot be checkpointed yet'),
-    (['--seeds', '2', '--resume', 'somewhere'], '--resume with --seeds 2: sweeps (--seeds/--sweep) '
-     'cannot be checkpointed yet'),
     (['--seeds', '2', '--shard'], '--shard with --seeds 2'),
     (['--seeds', '2', '--dropout', '0.1'], '--dropout does not apply to --seeds/--sweep '
      '(--seeds 2): sweeps do not simulate a clock or round policy yet'),
@@ -133,17 +129,29 @@ def test_bad_sweeps_are_one_line_errors(extra, message, tmp_path, capsys):
   assert not os.path.exists(run_dir)
 
 
-def test_a_resumed_sweep_directory_is_refused(sweep_dir, capsys):
+def test_a_sweep_without_checkpoints_cannot_be_resumed(sweep_dir, capsys):
   err = _error(['run', '--resume', sweep_dir], capsys)
-  assert 'cannot be checkpointed yet, so there is nothing to resume' in err
+  assert 'no checkpoint to resume from' in err and 'nothing was changed' in err
 
 
-def test_seeds_with_an_asynchronous_algorithm_name_the_synchronous_timeline(tmp_path, capsys):
-  asynchronous = [n for n in registry.algorithm_names(None)
-                  if registry.algorithm_timeline(n) != 'synchronous']
-  assert asynchronous
-  err = _error(['run', *TINY, '--algorithm', asynchronous[0], '--seeds', '2', '--run-dir',
+def test_seeds_with_an_fda_algorithm_name_the_timelines_that_sweep(tmp_path, capsys):
+  averaging = registry.algorithm_names('averaging')
+  err = _error(['run', *TINY, '--algorithm', averaging[0], '--seeds', '2', '--run-dir',
                 str(tmp_path / 'run')], capsys)
-  assert (f'--seeds 2 with --algorithm {asynchronous[0]}: sweeps run the synchronous timeline '
-          'only') in err
-  assert 'valid: a synchronous algorithm (' in err and 'fedavg' in err
+  assert (f'--seeds 2 with --algorithm {averaging[0]}: sweeps run the synchronous and '
+          'semi-asynchronous timelines') in err
+  assert 'fedavg' in err and 'fedbuff' in err
+
+
+def test_an_asynchronous_sweep_is_checkpointed_and_resumed(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(['run', '--algorithm', 'fedbuff', '--rounds', '2', '--num-clients', '6',
+                   '--hparam', 'buffer_size=2', '--local-steps', '1', '--batch-size', '5',
+                   '--eval-every', '1', '--quiet', '--seeds', '2', '--checkpoint-every', '1',
+                   '--run-dir', 'sweep']) == 0
+  assert cli.main(['run', '--resume', 'sweep', '--rounds', '3', '--quiet']) == 0
+  for seed in (0, 1):
+    rows = _rows(_member('sweep', f'seed={seed}'))
+    assert [r['aggregation'] for r in rows] == [1, 2, 3]
+    assert all(r['seed'] == seed for r in rows)
+  assert _config('sweep')['timeline'] == 'semi_async'

@@ -7,7 +7,7 @@ composes transforms, one reducer and optax transforms, checking the order.
 from fedjax_sync.aggregators.attacks import scale_attack, sign_flip_attack
 from fedjax_sync.aggregators.base import (REDUCER, TRANSFORM, Aggregator, ChainState, EmptyState,
                                           aggregator_metrics, chain, mean, stateless,
-                                          validate_aggregator, weighted_mean)
+                                          validate_aggregator, weighted_mean, weighted_sum_via)
 from fedjax_sync.aggregators.bulyan import bulyan
 from fedjax_sync.aggregators.clip import adaptive_clip, clip_by_norm, zero_invalid_updates
 from fedjax_sync.aggregators.compress import random_k, stochastic_quantize, terngrad, top_k
@@ -28,6 +28,8 @@ __all__ = [
     # Composition.
     'REDUCER', 'TRANSFORM', 'Aggregator', 'ChainState', 'EmptyState', 'MetricsState',
     'aggregator_metrics', 'chain', 'stateless', 'validate_aggregator',
+    # An algorithm's weighted sum computed by any aggregator (every timeline uses it).
+    'weighted_sum_via',
     # Reducers.
     'bulyan', 'coordinate_median', 'dp_fedavg', 'dp_ftrl', 'geometric_median', 'harmonize',
     'krum', 'kuramoto', 'kuramoto_code', 'mean', 'multi_krum', 'norm_bounded_mean',

@@ -18,7 +18,6 @@ import pytest
 from fedjax_sync.algorithms import (Hyperparameters, apfl, build_algorithm, client_models,
                                     fed_avg, hyp_cluster, ifca, initial_clusters, per_fed_avg,
                                     pfedme, resolve_hyperparameters)
-from fedjax_sync.algorithms.apfl import APFLClientState
 from fedjax_sync.algorithms.per_fed_avg import one_step_personalization
 from fedjax_sync.data.batching import client_batch_from_arrays
 

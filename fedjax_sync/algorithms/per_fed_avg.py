@@ -50,7 +50,7 @@ from fedjax_sync.clients import conv_rewrite
 from fedjax_sync.clients.conv_rewrite import KEEP_CONVOLUTIONS
 from fedjax_sync.clients.execution import ClientExecution
 from fedjax_sync.clients.local import StepMetrics, make_local_training, masked_mean
-from fedjax_sync.types import Algorithm, Params
+from fedjax_sync.types import Algorithm
 
 VARIANTS = ('fo', 'hf')
 

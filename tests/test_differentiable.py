@@ -393,23 +393,22 @@ def test_krum_gradient_is_the_selected_clients_indicator():
       np.testing.assert_allclose(fd, expected[c, j], atol=1e-8)
 
 
-def test_order_statistic_reducers_pass_incomplete_gradients():
+def test_order_statistic_reducers_pass_the_gradient_of_their_selection():
   """The coordinate median and the trimmed mean find their order statistics on
-  order-preserving integer keys of the floats (exact in float32 and float64), so
-  autodiff sees no path from the updates through the selected values. The median's
-  gradient is 0, although it moves one-for-one with the middle client's entry
-  (finite differences give 1 there); the trimmed mean's reaches only the entries
-  strictly inside the cut, so even `trimmed_mean(0)` (the plain mean) gives 0 instead
-  of 1/K to each coordinate's smallest and largest entry. A hypergradient through a
-  round aggregated by either is therefore wrong; see docs/differentiable_rounds.md."""
+  order-preserving integer keys of the floats (exact in float32 and float64); their
+  values are made differentiable as the mean of the entries they select, so the
+  median's gradient is the middle client's indicator and `trimmed_mean(0)`'s is 1/K
+  for every entry, as finite differences say; `trimmed_mean(0.2)` of 5 clients keeps
+  the middle 3 (1/3 each)."""
   with jax.enable_x64(True):
     updates = _updates(seed=2)
     weights = jnp.ones((5,))
     order = np.argsort(np.asarray(updates['w'][:, 0]))
-    for aggregator, expected_grad, expected_fd in (
-        (fs.aggregators.coordinate_median(), np.zeros(5), np.eye(5)[order[2]]),
-        (fs.aggregators.trimmed_mean(0.0), np.where(np.isin(np.arange(5), order[1:4]), 0.2, 0.0),
-         np.full(5, 0.2))):
+    middle3 = np.where(np.isin(np.arange(5), order[1:4]), 1 / 3, 0.0)
+    for aggregator, expected in (
+        (fs.aggregators.coordinate_median(), np.eye(5)[order[2]]),
+        (fs.aggregators.trimmed_mean(0.0), np.full(5, 0.2)),
+        (fs.aggregators.trimmed_mean(0.2), middle3)):
       state = aggregator.init({'w': updates['w'][0]})
       def first(u, aggregator=aggregator, state=state):
         return aggregator.apply({'w': u}, weights, state, None, None)[0]['w'][0]
@@ -421,9 +420,9 @@ def test_order_statistic_reducers_pass_incomplete_gradients():
         bumped = np.asarray(updates['w']).copy()
         bumped[c, 0] += 1e-7
         fd[c] = (float(first(jnp.asarray(bumped))) - float(first(updates['w']))) / 1e-7
-      np.testing.assert_allclose(grad[:, 0], expected_grad, atol=1e-12)
+      np.testing.assert_allclose(grad[:, 0], expected, atol=1e-12)
       assert np.all(grad[:, 1:] == 0.0)
-      np.testing.assert_allclose(fd, expected_fd, atol=1e-6)
+      np.testing.assert_allclose(fd, expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------

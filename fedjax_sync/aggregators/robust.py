@@ -109,6 +109,20 @@ def _per_coordinate(updates, present, column_fn):
   return jax.tree.map(leaf_fn, updates)
 
 
+def _selected_value(value, x, selected):
+  """`value` (an exact order statistic found on keys), differentiable as the mean of
+  the entries of `x` it selects (`selected [C, n]`, ties share the cotangent).
+
+  The forward value stays `value` bit for bit; the gradient is that of the mean of
+  the selected entries, the subgradient of an order statistic (`value` moves
+  one-for-one with the selected entry). Non-finite selections pass no gradient.
+  """
+  n = jnp.maximum(jnp.sum(selected.astype(x.dtype), axis=0), 1.0)
+  mean = jnp.sum(jnp.where(selected, x, 0.0), axis=0) / n
+  tangent = mean - jax.lax.stop_gradient(mean)
+  return value + jnp.where(jnp.isfinite(mean), tangent, 0.0)
+
+
 def _present(weights, updates):
   w = float_weights(weights, updates)
   present = w > 0
@@ -140,7 +154,10 @@ def coordinate_median() -> Aggregator:
 
     def column(x, keys):
       lo, hi = _kth_keys(keys, (jnp.maximum(lower, 0), upper))
-      value = 0.5 * (_from_keys(lo) + _from_keys(hi))
+      # Gradients route to the middle entries (autodiff sees no path through keys).
+      lo_value = _selected_value(_from_keys(lo), x, keys == lo[None])
+      hi_value = _selected_value(_from_keys(hi), x, keys == hi[None])
+      value = 0.5 * (lo_value + hi_value)
       return jnp.where(count > 0, value, 0.0)
 
     return _per_coordinate(updates, present, column), MetricsState({'num_present': count})
@@ -173,7 +190,9 @@ def trimmed_mean(beta: float) -> Aggregator:
 
     def column(x, keys):
       lo_key, hi_key = _kth_keys(keys, (trim, jnp.maximum(count - 1 - trim, 0)))
-      lo, hi = _from_keys(lo_key), _from_keys(hi_key)
+      # The kept copies of the cut values pass gradients to the entries equal to them.
+      lo = _selected_value(_from_keys(lo_key), x, keys == lo_key[None])
+      hi = _selected_value(_from_keys(hi_key), x, keys == hi_key[None])
       inside = (keys > lo_key[None]) & (keys < hi_key[None])
       inner = jnp.sum(jnp.where(inside, x, 0.0), axis=0)
       n_lo = jnp.sum((keys <= lo_key[None]).astype(jnp.int32), axis=0) - trim

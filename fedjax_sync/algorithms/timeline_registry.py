@@ -123,8 +123,8 @@ for _aggregation in ('sgd', 'avg'):
           **_only(kw, 'aggregator')))(_aggregation),
       f'FedQS-{"SGD" if _aggregation == "sgd" else "Avg"}, semi-asynchronous client '
       'adaptation (NeurIPS 2025, arXiv 2510.07664)',
-      (Hyperparameter('client_learning_rate', float, 0.01, 'initial client learning rate η_0 '
-                      '(the paper: 0.1), then adapted per client', minimum=0.0,
+      (Hyperparameter('client_learning_rate', float, _QS.learning_rate, 'initial client '
+                      'learning rate η_0 (the paper\'s), then adapted per client', minimum=0.0,
                       exclusive_minimum=True),)
       + ((server_learning_rate(1.0),) if _aggregation == 'sgd' else ())
       + (buffer_size(10), *FEDQS, *ASYNC_ENGINE), timeline=SEMI_ASYNC)

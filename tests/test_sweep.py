@@ -25,6 +25,7 @@ def setup():
 @pytest.mark.parametrize('algorithm,swept', [
     ('fedavg', 'client_learning_rate'),
     pytest.param('fedadam', 'server_learning_rate', marks=pytest.mark.slow),
+    pytest.param('fedprox', 'mu', marks=pytest.mark.slow),   # μ traced: the term stays
 ])
 def test_sweep_equals_sequential_simulations(setup, algorithm, swept):
   data, model, config = setup

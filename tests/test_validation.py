@@ -272,7 +272,7 @@ def test_scaffold_without_num_clients_names_the_fix():
     fs.build_algorithm('scaffold', MODEL.loss, fs.Hyperparameters())
 
 
-@pytest.mark.parametrize('algorithm,name', [('fedprox', 'mu'), ('fedavg', 'client_momentum')])
+@pytest.mark.parametrize('algorithm,name', [('fedavg', 'client_momentum')])
 def test_sweep_over_an_untraceable_hyperparameter_names_it(algorithm, name):
   build = registered_algorithm(algorithm, MODEL.loss)
   sweep = fs.Sweep(build, MODEL, DATA, CONFIG, seeds=[0],
@@ -280,6 +280,13 @@ def test_sweep_over_an_untraceable_hyperparameter_names_it(algorithm, name):
   with pytest.raises(ValueError, match=rf"cannot sweep '{name}' in one compiled program.*"
                                        rf"one Sweep \(or Simulator\) per value of '{name}'"):
     sweep.run(sweep.init())
+
+
+def test_fedprox_mu_traces_so_it_can_be_swept():
+  # μ used to select a code path in Python (`if mu:`); a traced μ keeps the term.
+  sweep = fs.Sweep(registered_algorithm('fedprox', MODEL.loss), MODEL, DATA, CONFIG, seeds=[0],
+                   hyperparameters={'mu': [0.0, 0.5]})
+  assert sweep.untraceable_hyperparameters(['mu', 'client_learning_rate']) == []
 
 
 def test_sweep_rejects_non_numeric_values():

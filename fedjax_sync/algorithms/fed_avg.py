@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import optax
 
 from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import Aggregator
 from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm
 from fedjax_sync.clients.execution import ClientExecution
-from fedjax_sync.clients.local import make_local_step, make_local_training
+from fedjax_sync.clients.local import is_static_zero, make_local_step, make_local_training
 from fedjax_sync.types import Algorithm
 
 
@@ -31,7 +32,7 @@ def local_training_update(loss_fn: Callable, client_optimizer: optax.GradientTra
     del extra, client_state
     opt_state = client_optimizer.init(server_params)
     params, _, metrics = train(server_params, opt_state, data, mask, key,
-                               anchor=server_params if prox_mu else None)
+                               anchor=None if is_static_zero(prox_mu) else server_params)
     return ClientOutput(update=tree_lib.tree_sub(server_params, params), state=(), aux=(),
                         metrics={'loss_sum': metrics.loss_sum,
                                  'num_examples': metrics.num_examples})
@@ -91,8 +92,9 @@ def fed_prox(loss_fn: Callable, client_optimizer: optax.GradientTransformation, 
   Local objective `F_k(v) + (μ/2)‖v − w‖²` (its gradient term `μ(v − w)` is added
   to every local step's gradient); the paper's grid is μ ∈ {0.001, 0.01, 0.1, 1}.
   With μ = 0 it is FedAvg. Inexact local solves are modelled by the fixed local work.
+  μ may be a traced array, so a `Sweep` can sweep it in one program.
   """
-  if mu < 0:
+  if not isinstance(mu, jax.Array) and mu < 0:   # an array μ (a sweep) is checked by its caller
     raise ValueError(f'FedProx mu must be ≥ 0, got {mu}')
   return federated_algorithm(
       local_training_update(loss_fn, client_optimizer, prox_mu=mu, unroll=unroll),

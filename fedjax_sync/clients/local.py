@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_sync.clients import conv_rewrite
@@ -93,6 +94,12 @@ def _with_state(params: Params, state: PyTree) -> Params:
   return {**params, **cast}
 
 
+def is_static_zero(value) -> bool:
+  """True for a Python (or numpy) 0, False for anything else, traced arrays included:
+  a coefficient that may be swept as an array keeps its term in the program."""
+  return isinstance(value, (int, float, np.integer, np.floating)) and value == 0
+
+
 def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     prox_mu: float = 0.0, loop_friendly_convolutions: bool = True) -> LocalStep:
   """Builds `step(params, opt_state, batch, mask, key, anchor=None, grad_offset=None)`.
@@ -130,7 +137,7 @@ def make_local_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     (loss, (count, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     if new_state is not None:  # state keys take no gradient step: their value comes from the loss
       grads = _with_state(grads, jax.tree.map(jnp.zeros_like, new_state))
-    if prox_mu:
+    if not is_static_zero(prox_mu):   # a traced μ (a sweep) keeps the term
       if anchor is None:
         raise ValueError('prox_mu > 0 needs the anchor (the global model)')
       grads = jax.tree.map(lambda g, p, a: g + prox_mu * (p - a), grads, params, anchor)

@@ -11,7 +11,7 @@ vmapped program may fuse differently); `tests/test_sweep.py` checks this.
 Traced hyperparameters: the algorithm is rebuilt inside the trace by
 `build(hyperparameters)` where each swept value is a scalar `jax.Array`, so only
 hyperparameters used as arrays can be swept: learning rates (optax accepts an array
-learning rate). Values used in Python control flow (FedProx's μ, a momentum that
+learning rate), FedProx's μ. Values used in Python control flow (a momentum that
 switches a code path) cannot; sweep those with separate runs.
 
 The grid is the product `seeds × values` of every swept hyperparameter.
@@ -39,14 +39,14 @@ import numpy as np
 from fedjax_sync.algorithms.registry import (Hyperparameters, algorithm_hyperparameters,
                                              build_algorithm)
 from fedjax_sync.clients.execution import ClientExecution
-from fedjax_sync.data.batching import make_client_batch, pad_clients, sample_clients, to_device
+from fedjax_sync.data.batching import make_client_batch, pad_clients, to_device
 from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
 from fedjax_sync.simulate.clock import ClientClock
 from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers
 from fedjax_sync.simulate.population import check_asynchronous
-from fedjax_sync.simulate.rounds import SimulationConfig
+from fedjax_sync.simulate.rounds import SimulationConfig, draw_participants
 from fedjax_sync.simulate.semi_async import AsyncConfig, make_async_engine
 from fedjax_sync.types import Algorithm, ServerState
 
@@ -178,10 +178,12 @@ class Sweep:
     """The same key schedule as `Simulator.sample_round`, for one simulation's run key."""
     sample_key, batch_key, algorithm_key = jax.random.split(
         jax.random.fold_in(run_key, round_index), 3)
-    ids = sample_clients(sample_key, self._device_data.counts, self.config.clients_per_round,
-                         proportional_to_size=self.config.proportional_sampling)
+    ids, present, _ = draw_participants(sample_key, self._device_data.counts, self.config)
     batch = make_client_batch(batch_key, self._device_data, ids, self.config.local_work,
                               max_count=self._max_count)
+    if self.config.sampling == 'poisson':   # undrawn slots are weight-0 padding
+      batch = batch._replace(weight=jnp.where(present, batch.weight,
+                                              jnp.zeros_like(batch.weight)))
     return pad_clients(batch, self.execution.num_shards), algorithm_key
 
   def init(self) -> ServerState:

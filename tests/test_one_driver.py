@@ -180,3 +180,20 @@ def test_fedbuff_with_clip_and_dp_swept_over_three_seeds_resumes_bitwise(tmp_pat
   reference = single.run(single.init())
   np.testing.assert_allclose([r['train_loss'] for r in full.histories[2]],
                              [r['train_loss'] for r in reference.history], rtol=1e-4)
+
+
+def test_a_sweep_evaluates_each_clients_personal_model_as_the_simulator_does():
+  from fedjax_sync.simulate.sweep import registered_algorithm
+
+  build = registered_algorithm('ditto', MODEL.loss, num_clients=DATA.num_clients)
+  config = fs.SimulationConfig(num_rounds=2, clients_per_round=4,
+                               local_work=fs.LocalWork(batch_size=5, steps=2), eval_every=2)
+  sweep = fs.Sweep(build, MODEL, DATA, config, seeds=[0, 1])
+  result = sweep.run(sweep.init())
+  sim = fs.Simulator(build({}), MODEL, DATA, config)
+  for s in range(2):
+    member = jax.tree.map(lambda x, s=s: x[s], result.states)
+    expected = sim.evaluate(member.params, member.client_states)
+    for key, value in expected.items():
+      if np.ndim(value) == 0:
+        np.testing.assert_allclose(result.final_evals[s][key], value, rtol=1e-5, err_msg=key)

@@ -170,7 +170,15 @@ class Sweep:
       raise ValueError('the dataset has no client with examples')
     self._max_count = int(positive.max())
     per_client = (not self.asynchronous) and config.per_client_eval
-    self._evaluate = jax.jit(jax.vmap(make_evaluator(model.evaluate, data, per_client=per_client)))
+    # Per-client accuracy of algorithms with personal models (FedBN, Ditto, ...) uses
+    # each client's own model, as `Simulator` does (the builder is called outside the
+    # trace once, with the first member's values, only to read `personalize`).
+    self._personalize = None
+    if per_client:
+      first = {k: self.settings[0][k] for k in names}
+      self._personalize = getattr(build(first), 'personalize', None)
+    self._evaluate = jax.jit(jax.vmap(make_evaluator(model.evaluate, data, per_client=per_client,
+                                                     personalize=self._personalize)))
     self._blocks: dict[int, Callable] = {}
     self._init: Callable | None = None
 
@@ -303,7 +311,9 @@ class Sweep:
 
   def evaluate(self, states: ServerState) -> dict[str, np.ndarray]:
     """Evaluation metrics of every simulation, stacked `[S, ...]`."""
-    return jax.device_get(self._evaluate(self.evaluated_model(states)[0]))
+    params, client_states = self.evaluated_model(states)
+    return jax.device_get(self._evaluate(
+        params, client_states if self._personalize is not None else ()))
 
   def run(self, states, *, start_round: int = 0, run_dir: str | None = None,
           progress: bool = False, tensorboard: bool = False, on_block: Callable | None = None,

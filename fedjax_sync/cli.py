@@ -62,24 +62,25 @@ def _non_negative_float(text: str) -> float:
   return value
 
 
-def _non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not an integer; valid: 0, 1, 2, ...') from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'{value} is negative; valid: 0, 1, 2, ...')
-  return value
+def number_type(kind: type, accepts, valid: str):
+  """An argparse type: `kind(text)` when `accepts(value)`, else a one-line error naming
+  the bad value and `valid`."""
+  noun = 'an integer' if kind is int else 'a number'
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{text!r} is not {noun}; valid: {valid}') from None
+    if not accepts(value):
+      raise argparse.ArgumentTypeError(f'{text!r} is out of range; valid: {valid}')
+    return value
+
+  return parse
 
 
-def _open_fraction(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a number; valid: 0 < F < 1') from None
-  if not 0.0 < value < 1.0:
-    raise argparse.ArgumentTypeError(f'{value} is outside (0, 1); valid: 0 < F < 1')
-  return value
+_non_negative_int = number_type(int, lambda v: v >= 0, '0, 1, 2, ...')
+_open_fraction = number_type(float, lambda v: 0.0 < v < 1.0, 'a number F with 0 < F < 1')
 
 
 def _positive_float(text: str) -> float:
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--shards-per-client', type=_positive_int, default=None,
                    help='single-class shards per client for --partition shards (default 2)')
   _add_clock_flags(run)
+  from fedjax_sync import cli_availability
+  cli_availability.add_flags(run)   # --availability*, --round-duration, --sampling*
   inspect = sub.add_parser('inspect', help='clients, examples, features and client sizes of '
                                            'a dataset (a registered name or a file)')
   inspect.add_argument('dataset', type=_dataset, metavar='NAME|PATH')
@@ -503,6 +506,10 @@ def _identity_options(args) -> dict:
       options.pop(dest, None)
   from fedjax_sync.cli_timelines import CLOCK_DEFAULTS
   for dest, default in CLOCK_DEFAULTS.items():   # likewise: no clock = the runs made before
+    if options.get(dest, default) == default:
+      options.pop(dest, None)
+  from fedjax_sync.cli_availability import DEFAULTS as AVAILABILITY_DEFAULTS
+  for dest, default in AVAILABILITY_DEFAULTS.items():   # likewise: always available, uniform
     if options.get(dest, default) == default:
       options.pop(dest, None)
   return options
@@ -842,6 +849,8 @@ def _run(args, given: set[str] = frozenset()) -> int:
   if timeline != SYNCHRONOUS:   # asynchronous and FDA runs: the same driver, other units
     return cli_timelines.run_timeline(args, given, timeline, resuming=resuming)
   cli_timelines.check_flags(args, given, timeline)
+  from fedjax_sync import cli_availability
+  cli_availability.check(args, given, timeline)
   if not resuming:   # check the directory before any work; create it only when the run starts
     default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')
     new_dir = _NewRunDirectory(args.run_dir or default)
@@ -883,15 +892,19 @@ def _run(args, given: set[str] = frozenset()) -> int:
                      f'{_one_line(e)}') from None
   # --clock/--dropout/--deadline/--first-m/--over-selection: stragglers get weight 0.
   algorithm, sampled = cli_timelines.synchronous_clock(args, algorithm, data.num_clients)
+  if args.sampling == 'poisson':   # C_max: --clients-per-round, or a 1e-9 binomial tail
+    sampled = cli_availability.clients_per_round(args, given, data.num_clients)
   config = fs.SimulationConfig(num_rounds=args.rounds, clients_per_round=sampled,
-                               local_work=work, eval_every=args.eval_every, seed=args.seed)
+                               local_work=work, eval_every=args.eval_every, seed=args.seed,
+                               **cli_availability.simulation_fields(args))
   if sweep_plan is not None:   # --seeds/--sweep: every member in one vmapped program
     return cli_sweeps.run_sweep(
         args, sweep_plan, model=model, model_name=model_name, data=data,
         partition=_partition_record(partition), fingerprint=fingerprint, work=work,
         execution=execution, engine=engine, hparams=hparams, config=config,
         new_dir=None if resuming else new_dir, resuming=resuming)
-  simulator = fs.Simulator(algorithm, model, data, config, execution=execution)
+  simulator = fs.Simulator(algorithm, model, data, config, execution=execution,
+                           availability=cli_availability.trace(args, data.num_clients))
   try:
     state = simulator.init()
   except (TypeError, ValueError) as e:
@@ -911,6 +924,7 @@ def _run(args, given: set[str] = frozenset()) -> int:
                  'hyperparameters': hyperparameter_values(args.algorithm, hparams),
                  'aggregator': args.aggregator,
                  **cli_timelines.synchronous_clock_record(args),
+                 **cli_availability.record(args, config.clients_per_round, data.num_clients),
                  'simulation': {**dataclasses.asdict(config), 'local_work': work._asdict()},
                  'execution': {'strategy': args.execution, 'chunk_size': args.chunk_size,
                                'devices': execution.num_shards},

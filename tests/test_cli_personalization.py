@@ -37,8 +37,9 @@ def test_zero_steps_on_an_async_run_evaluate_the_global_model_per_client(tmp_pat
      '--personalize-steps does not apply to --seeds/--sweep'),
     (['--personalize-steps', '2', '--personalize-holdout', '0.2'],
      "--personalize-holdout 0.2: --dataset 'synthetic' already has per-client held-out"),
-    (['--personalize-steps', '-1'], "-1 is negative"),
-    (['--personalize-steps', '1', '--personalize-holdout', '1.5'], 'outside (0, 1)'),
+    (['--personalize-steps', '-1'], "'-1' is out of range; valid: 0, 1, 2, ..."),
+    (['--personalize-holdout', '1.5', '--personalize-steps', '1'],
+     "'1.5' is out of range; valid: a number F with 0 < F < 1"),
 ])
 def test_personalization_flags_that_cannot_apply_are_one_line_errors(argv, expected, capsys,
                                                                       tmp_path):

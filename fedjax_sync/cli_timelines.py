@@ -104,7 +104,9 @@ def make_cli_clock(args, num_clients: int):
     times = clock_lib.lognormal_times(num_clients, sigma=args.clock_sigma, seed=args.seed)
   else:
     times = clock_lib.speed_ratio_times(num_clients, args.speed_ratio, seed=args.seed)
-  return clock_lib.make_clock(times, jitter=args.clock_jitter, dropout=args.dropout)
+  from fedjax_sync import cli_availability
+  return clock_lib.make_clock(times, jitter=args.clock_jitter, dropout=args.dropout,
+                              trace=cli_availability.trace(args, num_clients))
 
 
 def clock_in_use(args) -> bool:
@@ -183,6 +185,8 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
   from fedjax_sync.simulate.driver import first_nonfinite
 
   check_flags(args, given, timeline)
+  from fedjax_sync import cli_availability
+  cli_availability.check(args, given, timeline)   # --availability*: job starts; no --sampling
   if not resuming:
     default = os.path.join('runs', f'{args.algorithm}-{time.strftime("%Y%m%d-%H%M%S")}')
     new_dir = cli._NewRunDirectory(args.run_dir or default)   # noqa: SLF001 - the CLI's own helpers
@@ -241,6 +245,7 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
     record['simulation'] = {**dataclasses.asdict(config), 'local_work': work._asdict(),
                             'rounds_are': 'server aggregations'}
     record['clock'] = clock_record(args)
+    record.update(cli_availability.record(args, synchronous=False))
     from fedjax_sync import cli_sweeps
     if cli_sweeps.is_sweep(args):   # --seeds/--sweep: every member in one vmapped program
       return cli_sweeps.run_sweep(
@@ -249,7 +254,8 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
           fingerprint=fingerprint, work=work, execution=execution, engine=engine,
           hparams=hparams, config=config, new_dir=None if resuming else new_dir,
           resuming=resuming, clock=clock,
-          extra_record={'timeline': timeline, 'clock': record['clock']})
+          extra_record={'timeline': timeline, 'clock': record['clock'],
+                        **cli_availability.record(args, synchronous=False)})
     simulator = fs.SemiAsyncSimulator(algorithm, model, data, clock, config,
                                       execution=execution)
   else:

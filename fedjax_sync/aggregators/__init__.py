@@ -14,7 +14,8 @@ from fedjax_sync.aggregators.compress import random_k, stochastic_quantize, tern
 from fedjax_sync.aggregators.dp_ftrl import dp_ftrl, dp_ftrl_epsilon
 from fedjax_sync.aggregators.harmonize import harmonize
 from fedjax_sync.aggregators.kuramoto import kuramoto, kuramoto_code
-from fedjax_sync.aggregators.privacy import dp_epsilon, dp_fedavg, dp_noise_multiplier
+from fedjax_sync.aggregators.privacy import (dp_epsilon, dp_fedavg, dp_noise_multiplier,
+                                             participation_epsilon)
 from fedjax_sync.aggregators.reduce import MetricsState, norm_bounded_mean
 from fedjax_sync.aggregators.registry import (aggregator_names, aggregator_signatures,
                                               canonical_aggregator_expression, parse_aggregator,
@@ -38,7 +39,7 @@ __all__ = [
     'adaptive_clip', 'clip_by_norm', 'drive', 'random_k', 'rotated_quantize', 'scale_attack',
     'sign_flip_attack', 'stochastic_quantize', 'terngrad', 'top_k', 'zero_invalid_updates',
     # Privacy accounting (host-side).
-    'dp_epsilon', 'dp_ftrl_epsilon', 'dp_noise_multiplier',
+    'dp_epsilon', 'dp_ftrl_epsilon', 'dp_noise_multiplier', 'participation_epsilon',
     # By name, and expressions such as 'chain(clip_by_norm(1.0), trimmed_mean(0.1))'.
     'aggregator_names', 'aggregator_signatures', 'canonical_aggregator_expression',
     'parse_aggregator', 'register_aggregator',

@@ -15,7 +15,8 @@ from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import REDUCER, Aggregator, compute_dtype
 from fedjax_sync.aggregators.reduce import MetricsState, check_positive, float_weights
 
-__all__ = ['ACCOUNTANTS', 'dp_epsilon', 'dp_fedavg', 'dp_noise_multiplier']
+__all__ = ['ACCOUNTANTS', 'dp_epsilon', 'dp_fedavg', 'dp_noise_multiplier',
+           'participation_epsilon']
 
 ACCOUNTANTS = ('rdp', 'pld')
 
@@ -149,3 +150,55 @@ def dp_noise_multiplier(target_epsilon: float, sampling_rate: float, num_rounds:
       lambda z: _event(z, sampling_rate, num_rounds),
       target_epsilon, delta,
       bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)))
+
+
+def participation_epsilon(config, num_clients: int, noise_multiplier: float, delta: float, *,
+                          accountant: str = 'rdp') -> float:
+  """ε at δ of a run's `config.num_rounds` Gaussian rounds under its client sampling (host).
+
+  The accountant matches how `SimulationConfig` samples clients:
+
+  * `sampling='poisson'` (each client independently with probability q, rounds of
+    at most C_max clients): `dp_accounting.PoissonSampledDpEvent(q, Gaussian(z))`
+    composed R times, add/remove-one-client neighbours (= `dp_epsilon(z, q, R, δ)`);
+    exact provided no round overflows C_max (`num_overflow` stays 0).
+  * `sampling='uniform'` (C of N without replacement, not proportional):
+    `SampledWithoutReplacementDpEvent(N, C, Gaussian(z))` composed R times in the
+    RDP accountant with replace-one neighbours (the relation under which
+    fixed-size sampling is analysed; Wang, Balle & Kasiviswanathan 2019, arXiv
+    1808.00087); `accountant='pld'` has no such event and is refused.
+
+  Size-proportional sampling has no accountant here (ValueError). Availability
+  traces are not accounted for (a client offline in a round cannot take part in
+  it, which only lowers its privacy loss under Poisson sampling of the available
+  clients). z is the noise multiplier of a sum of sensitivity S (`dp_fedavg`'s).
+
+  Args:
+    config: a `SimulationConfig`.
+    num_clients: N, the population.
+    noise_multiplier: z > 0.
+    delta: δ ∈ (0, 1).
+    accountant: 'rdp' or 'pld' (Poisson only).
+  """
+  import dp_accounting
+  from dp_accounting import rdp
+
+  check_positive('noise_multiplier', noise_multiplier)
+  if not isinstance(num_clients, int) or isinstance(num_clients, bool) or num_clients < 1:
+    raise ValueError(f'num_clients must be a positive integer, got {num_clients!r}')
+  if config.sampling == 'poisson':
+    return dp_epsilon(noise_multiplier, float(config.sampling_rate), config.num_rounds, delta,
+                      accountant=accountant)
+  if config.proportional_sampling:
+    raise ValueError('no accountant for size-proportional sampling; valid: '
+                     "sampling='poisson', or uniform sampling without proportional_sampling")
+  _check_accounting(config.clients_per_round / num_clients, config.num_rounds, delta)
+  if accountant != 'rdp':
+    raise ValueError(f'accountant {accountant!r} has no event for fixed-size sampling '
+                     "without replacement; valid: 'rdp' (or sampling='poisson')")
+  acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.SampledWithoutReplacementDpEvent(
+          num_clients, config.clients_per_round, dp_accounting.GaussianDpEvent(noise_multiplier)),
+      config.num_rounds))
+  return float(acc.get_epsilon(delta))

@@ -1,7 +1,8 @@
 """Federated data: the container, partitioners, synthetic data and batching."""
 
 from fedjax_sync.data.batching import (DeviceData, LocalWork, client_batch_from_arrays,
-                                       make_client_batch, pad_clients, sample_clients, to_device)
+                                       make_client_batch, pad_clients, poisson_max_clients,
+                                       poisson_sample_clients, sample_clients, to_device)
 from fedjax_sync.data.digits import digits
 from fedjax_sync.data.federated import FederatedData, from_client_indices
 from fedjax_sync.data.files import FORMATS, describe, detect_format, load_path
@@ -17,6 +18,7 @@ __all__ = [
     'fashion_mnist', 'idx_dataset', 'load_path', 'read_idx', 'from_arrays', 'load_npz',
     'partition_labels', 'repartition', 'tfds_dataset', 'generated_stackoverflow',
     'DeviceData', 'FederatedData', 'LocalWork', 'client_batch_from_arrays', 'dirichlet_partition',
-    'from_client_indices', 'iid_partition', 'make_client_batch', 'pad_clients', 'sample_clients',
+    'from_client_indices', 'iid_partition', 'make_client_batch', 'pad_clients',
+    'poisson_max_clients', 'poisson_sample_clients', 'sample_clients',
     'shard_partition', 'synthetic', 'to_device',
 ]

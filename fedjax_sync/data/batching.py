@@ -72,7 +72,8 @@ def to_device(data: FederatedData, sharding=None) -> DeviceData:
 
 
 def sample_clients(key: jax.Array, counts: jax.Array, clients_per_round: int, *,
-                   proportional_to_size: bool = False) -> jax.Array:
+                   proportional_to_size: bool = False,
+                   available: jax.Array | None = None) -> jax.Array:
   """Samples `[C]` distinct client ids, uniformly or with probability ∝ size.
 
   Uniform: the C largest of N uniform keys (`lax.top_k`, O(N)), or Floyd's O(C²)
@@ -80,17 +81,78 @@ def sample_clients(key: jax.Array, counts: jax.Array, clients_per_round: int, *,
   exactly successive sampling without replacement with probabilities ∝ n_k.
   `jax.random.choice(replace=False)` permutes the whole population instead
   (measured here: 5.6 ms at N = 10⁴ against 0.6 ms for top-k; 705 ms at N = 10⁶).
+
+  With `available` (`[N]` bool, e.g. `simulate.availability.is_online`), the C
+  clients are drawn from the available ones only; when fewer than C are
+  available, all of them come first and the rest of the C ids are unavailable
+  clients the caller must give weight 0 (`available[ids]` tells which).
   """
   num_clients = counts.shape[0]
   if not 1 <= clients_per_round <= num_clients:
     raise ValueError(f'clients_per_round must be in [1, {num_clients}], got {clients_per_round}')
   if proportional_to_size:
     scores = jnp.log(counts.astype(jnp.float32)) + jax.random.gumbel(key, (num_clients,))
+    if available is not None:
+      scores = jnp.where(available, scores, -jnp.inf)
     return jax.lax.top_k(scores, clients_per_round)[1].astype(jnp.int32)
-  if num_clients >= FLOYD_MIN_POPULATION and clients_per_round <= FLOYD_MAX_SAMPLE:
+  if (available is None and num_clients >= FLOYD_MIN_POPULATION
+      and clients_per_round <= FLOYD_MAX_SAMPLE):
     return _floyd_sample(key, num_clients, clients_per_round)
   scores = jax.random.uniform(key, (num_clients,))
+  if available is not None:   # uniform scores are in [0, 1): the unavailable rank last
+    scores = jnp.where(available, scores, -1.0)
   return jax.lax.top_k(scores, clients_per_round)[1].astype(jnp.int32)
+
+
+def poisson_sample_clients(key: jax.Array, num_clients: int, sampling_rate,
+                           max_clients: int, *, available: jax.Array | None = None):
+  """Poisson sampling: each client takes part independently with probability q.
+
+  The round's arrays keep a static size C_max = `max_clients`: the drawn clients
+  come first (in a uniformly random order), the remaining slots are padding
+  clients the caller gives weight 0. If more than C_max are drawn, a uniformly
+  random C_max of them take part and the others are dropped (`num_overflow`;
+  choose C_max with `poisson_max_clients` so that this is negligible: the privacy
+  accounting of Poisson sampling assumes it never happens). With `available`,
+  only available clients can be drawn.
+
+  Returns:
+    `(ids [C_max] int32, present [C_max] bool, num_drawn, num_overflow)`, the two
+    counts as float32 scalars.
+  """
+  if not 1 <= max_clients <= num_clients:
+    raise ValueError(f'max_clients must be in [1, {num_clients}], got {max_clients}')
+  u = jax.random.uniform(key, (num_clients,))
+  drawn = u < sampling_rate
+  if available is not None:
+    drawn = drawn & available
+  # Among the drawn, u is i.i.d. uniform on [0, q): the C_max smallest form a uniformly
+  # random subset, in a uniformly random order.
+  scores = jnp.where(drawn, -u, -2.0)
+  ids = jax.lax.top_k(scores, max_clients)[1].astype(jnp.int32)
+  present = drawn[ids]
+  num_drawn = jnp.sum(drawn.astype(jnp.float32))
+  return ids, present, num_drawn, jnp.maximum(num_drawn - max_clients, 0.0)
+
+
+def poisson_max_clients(num_clients: int, sampling_rate: float,
+                        overflow_probability: float = 1e-9) -> int:
+  """The smallest C_max with P(Binomial(N, q) > C_max) ≤ `overflow_probability` (per round)."""
+  from scipy import stats
+
+  if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+    raise ValueError(f'num_clients must be a positive integer, got {num_clients!r}')
+  if not 0 < sampling_rate <= 1:
+    raise ValueError(f'sampling_rate must be in (0, 1], got {sampling_rate!r}')
+  if not 0 < overflow_probability < 1:
+    raise ValueError(f'overflow_probability must be in (0, 1), got {overflow_probability!r}')
+  # isf gives the smallest c with sf(c) = P(X > c) ≤ p.
+  c = int(stats.binom.isf(overflow_probability, num_clients, sampling_rate))
+  while c > 0 and stats.binom.sf(c - 1, num_clients, sampling_rate) <= overflow_probability:
+    c -= 1
+  while stats.binom.sf(c, num_clients, sampling_rate) > overflow_probability:
+    c += 1
+  return int(min(max(c, 1), num_clients))
 
 
 # `jax.random.choice(replace=False)` permutes the whole population (625 ms of CPU for

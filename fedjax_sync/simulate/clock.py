@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,12 +51,17 @@ class ClientClock(NamedTuple):
     dropout: probability that a job is lost (the client drops out of it).
     availability: optional `[R, N]` bool user masks; job j of client i is possible
       only if `availability[j % R, i]`.
+    trace: optional `simulate.availability.AvailabilityTrace` over simulated time:
+      the asynchronous engine starts a client's job only while it is online (at the
+      first online time at or after the moment it would start; `job_start_times`).
+      A job in progress is not interrupted when its window closes.
   """
 
   base_times: jax.Array
   jitter: float = 0.0
   dropout: float = 0.0
   availability: jax.Array | None = None
+  trace: Any = None
 
   @property
   def num_clients(self) -> int:
@@ -103,7 +108,7 @@ def speed_ratio_times(num_clients: int, ratio: float, *, seed: int = 0,
 
 
 def make_clock(base_times, *, jitter: float = 0.0, dropout: float = 0.0,
-               availability=None) -> ClientClock:
+               availability=None, trace=None) -> ClientClock:
   """Validates and builds a `ClientClock`.
 
   Args:
@@ -113,6 +118,9 @@ def make_clock(base_times, *, jitter: float = 0.0, dropout: float = 0.0,
     dropout: probability in [0, 1) that a job is lost.
     availability: optional `[R, N]` (or `[N]`) bool masks; row `j % R` applies to
       a client's job j (a round index in synchronous training).
+    trace: optional `AvailabilityTrace` of the N clients (when each can start a job
+      on the asynchronous timeline; synchronous rounds take it through
+      `Simulator(availability=...)`).
   """
   times = np.asarray(base_times, np.float32)
   if times.ndim != 1 or times.size == 0:
@@ -131,8 +139,11 @@ def make_clock(base_times, *, jitter: float = 0.0, dropout: float = 0.0,
     if masks.ndim != 2 or masks.shape[1] != times.size:
       raise ValueError(f'availability must be [R, {times.size}] bool, got shape {masks.shape}')
     masks = jnp.asarray(masks)
+  if trace is not None and trace.num_clients != times.size:
+    raise ValueError(f'the availability trace has {trace.num_clients} clients, base_times '
+                     f'{times.size}')
   return ClientClock(base_times=jnp.asarray(times), jitter=float(jitter), dropout=float(dropout),
-                     availability=masks)
+                     availability=masks, trace=trace)
 
 
 def job_times(clock: ClientClock, key: jax.Array, client_ids: jax.Array,
@@ -150,6 +161,16 @@ def job_times(clock: ClientClock, key: jax.Array, client_ids: jax.Array,
     return jax.random.normal(jax.random.fold_in(
         jax.random.fold_in(jax.random.fold_in(key, _TIME_STREAM), i), j), ())
   return base * jnp.exp(clock.jitter * jax.vmap(noise)(client_ids, jobs))
+
+
+def job_start_times(clock: ClientClock, client_ids: jax.Array, time) -> jax.Array:
+  """`[C]` float32: when jobs of `client_ids` wanting to start at `time` (scalar or `[C]`)
+  start: `time` itself without a trace, else each client's next online time (+inf: never)."""
+  time = jnp.broadcast_to(jnp.asarray(time, jnp.float32), client_ids.shape)
+  if clock.trace is None:
+    return time
+  from fedjax_sync.simulate.availability import next_online
+  return next_online(clock.trace, client_ids, time)
 
 
 def job_available(clock: ClientClock, key: jax.Array, client_ids: jax.Array,

@@ -17,16 +17,45 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjax_sync.clients.execution import ClientExecution
-from fedjax_sync.data.batching import (LocalWork, make_client_batch, pad_clients, sample_clients,
-                                       to_device)
+from fedjax_sync.data.batching import (LocalWork, make_client_batch, pad_clients,
+                                       poisson_sample_clients, sample_clients, to_device)
 from fedjax_sync.data.federated import FederatedData
 # Moved to the one driver; these names stay importable from here.
 from fedjax_sync.simulate.driver import (DIVERGENCE_METRICS, block_schedule, check_alive,  # noqa: F401
                                          distinct_buffers, drive, first_nonfinite,
-                                         fresh_buffers, warn_nonfinite)
+                                         fresh_buffers, tick_unit, warn_nonfinite)
+from fedjax_sync.simulate.availability import AvailabilityTrace, is_online
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
 from fedjax_sync.types import Algorithm, Params, ServerState
+
+
+SAMPLINGS = ('uniform', 'poisson')
+
+
+def draw_participants(key: jax.Array, counts: jax.Array, config: 'SimulationConfig',
+                      available: jax.Array | None = None):
+  """The round's client ids, which of them take part, and the sampling metrics.
+
+  Returns:
+    `(ids [C], present [C] bool, metrics)`: ids not present get weight 0 (padding:
+    fewer clients available than C, or fewer Poisson draws than C_max). Metrics:
+    `num_available` with an availability mask; `num_sampled` and `num_overflow`
+    with Poisson sampling; none otherwise.
+  """
+  metrics = {}
+  if available is not None:
+    metrics['num_available'] = jnp.sum(available.astype(jnp.float32))
+  if config.sampling == 'poisson':
+    ids, present, drawn, overflow = poisson_sample_clients(
+        key, counts.shape[0], config.sampling_rate, config.clients_per_round,
+        available=available)
+    metrics.update(num_sampled=drawn, num_overflow=overflow)
+    return ids, present, metrics
+  ids = sample_clients(key, counts, config.clients_per_round,
+                       proportional_to_size=config.proportional_sampling, available=available)
+  present = jnp.ones(ids.shape, bool) if available is None else available[ids]
+  return ids, present, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +64,21 @@ class SimulationConfig:
 
   Attributes:
     num_rounds: R.
-    clients_per_round: C, sampled without replacement each round.
+    clients_per_round: C, sampled without replacement each round; with
+      `sampling='poisson'`, C_max, the static size of the round's client arrays
+      (`data.batching.poisson_max_clients` gives one with negligible overflow).
     local_work: epochs or steps of local training, and the batch size.
     eval_every: evaluate every k rounds (and after the last round).
     seed: run seed; the same seed on the same machine gives bitwise-identical results.
     proportional_sampling: sample clients with probability ∝ their size.
     per_client_eval: also compute per-client accuracy at evaluation points.
+    sampling: 'uniform' (C clients without replacement, or ∝ size with
+      `proportional_sampling`) or 'poisson' (each client independently with
+      probability `sampling_rate`, as user-level DP accounting assumes; rounds
+      report `num_sampled` and `num_overflow`).
+    sampling_rate: q ∈ (0, 1] of Poisson sampling.
+    round_duration: simulated time units between two rounds: round r happens at
+      time r · round_duration (used by an availability trace).
   """
 
   num_rounds: int
@@ -50,6 +88,9 @@ class SimulationConfig:
   seed: int = 0
   proportional_sampling: bool = False
   per_client_eval: bool = True
+  sampling: str = 'uniform'
+  sampling_rate: float | None = None
+  round_duration: float = 1.0
 
   def validate(self, num_clients: int) -> 'SimulationConfig':
     for name in ('num_rounds', 'clients_per_round', 'eval_every'):
@@ -59,6 +100,21 @@ class SimulationConfig:
     if self.clients_per_round > num_clients:
       raise ValueError(f'clients_per_round={self.clients_per_round} exceeds the '
                        f'{num_clients} clients of the dataset')
+    if self.sampling not in SAMPLINGS:
+      raise ValueError(f'unknown sampling {self.sampling!r}; valid: {", ".join(SAMPLINGS)}')
+    if self.sampling == 'poisson':
+      q = self.sampling_rate
+      if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+        raise ValueError(f"sampling='poisson' needs a sampling_rate in (0, 1], got {q!r}")
+      if self.proportional_sampling:
+        raise ValueError("proportional_sampling does not apply to sampling='poisson'; valid: "
+                         'one of them')
+    elif self.sampling_rate is not None:
+      raise ValueError(f"sampling_rate={self.sampling_rate!r} applies to sampling='poisson', "
+                       f'not {self.sampling!r}')
+    if not (isinstance(self.round_duration, (int, float)) and self.round_duration > 0
+            and self.round_duration < float('inf')):
+      raise ValueError(f'round_duration must be a finite number > 0, got {self.round_duration!r}')
     self.local_work.validate()
     return self
 
@@ -76,13 +132,18 @@ class SimulationResult(NamedTuple):
 class Simulator:
   """Compiles the blocks of rounds and the evaluator of one simulation.
 
+  With `availability` (an `AvailabilityTrace` of the data's clients), round r
+  happens at simulated time r · `config.round_duration` and samples only the
+  clients online then (`draw_participants`); every round reports `num_available`.
+
   Example:
     >>> sim = Simulator(algorithm, model, data, config)
     >>> result = sim.run(sim.init())
   """
 
   def __init__(self, algorithm: Algorithm, model, data: FederatedData, config: SimulationConfig,
-               *, execution: ClientExecution = ClientExecution()):
+               *, execution: ClientExecution = ClientExecution(),
+               availability: AvailabilityTrace | None = None):
     check_synchronous(algorithm, type(self).__name__)
     check_population(algorithm, data.num_clients)
     self.algorithm = algorithm
@@ -90,6 +151,10 @@ class Simulator:
     self.data = data
     self.config = config.validate(data.num_clients)
     self.execution = execution.validate()
+    if availability is not None and availability.num_clients != data.num_clients:
+      raise ValueError(f'the availability trace has {availability.num_clients} clients, the '
+                       f'data {data.num_clients}')
+    self.availability = availability
     mesh = execution.mesh
     sharding = NamedSharding(mesh, P()) if mesh is not None else None
     self._device_data = to_device(data, sharding)
@@ -116,39 +181,58 @@ class Simulator:
 
   def sample_round(self, round_index):
     """The client batch and algorithm key of round `round_index` (jittable)."""
+    batch, algorithm_key, _ = self.sample_round_with_metrics(round_index)
+    return batch, algorithm_key
+
+  def sample_round_with_metrics(self, round_index):
+    """`(batch, algorithm key, sampling metrics)` of round `round_index` (jittable); clients
+    sampled as padding (unavailable, or beyond the Poisson draws) have weight 0."""
     sample_key, batch_key, algorithm_key = jax.random.split(self.round_key(round_index), 3)
-    ids = sample_clients(sample_key, self._device_data.counts, self.config.clients_per_round,
-                         proportional_to_size=self.config.proportional_sampling)
+    available = None
+    if self.availability is not None:
+      time = jnp.asarray(round_index, jnp.float32) * jnp.float32(self.config.round_duration)
+      available = is_online(self.availability, jnp.arange(self.data.num_clients), time)
+    ids, present, metrics = draw_participants(sample_key, self._device_data.counts,
+                                              self.config, available)
     batch = make_client_batch(batch_key, self._device_data, ids, self.config.local_work,
                               max_count=self._max_count)
-    return pad_clients(batch, self.execution.num_shards), algorithm_key
+    if available is not None or self.config.sampling == 'poisson':
+      batch = batch._replace(weight=jnp.where(present, batch.weight,
+                                              jnp.zeros_like(batch.weight)))
+    return pad_clients(batch, self.execution.num_shards), algorithm_key, metrics
 
-  def _block(self, state: ServerState, length: int) -> Callable:
-    """The compiled program of `length` consecutive rounds (compiled once per length)."""
-    if length not in self._blocks:
+  def _block(self, state: ServerState, length: int, ticks: bool = False) -> Callable:
+    """The compiled program of `length` consecutive rounds (compiled once per length;
+    with `ticks`, a second program reporting each round to the progress bar)."""
+    cache = (length, 'ticks') if ticks else length
+    if cache not in self._blocks:
       check_population(self.algorithm, self.data.num_clients, state.client_states)
       def run_block(state, start):
         def body(s, r):
-          batch, key = self.sample_round(r)
-          return self.algorithm.round(s, batch, key)
+          batch, key, sampling = self.sample_round_with_metrics(r)
+          s, metrics = self.algorithm.round(s, batch, key)
+          if ticks:
+            s = tick_unit(r - start + 1, s)
+          return s, ({**metrics, **sampling} if sampling else metrics)
         return jax.lax.scan(body, state, start + jnp.arange(length))
       # With a mesh, outputs (state, per-client metrics) come back replicated, so every
       # process of a multi-host run can read them.
       mesh = self.execution.mesh
       replicated = NamedSharding(mesh, P()) if mesh is not None else None
-      self._blocks[length] = jax.jit(run_block, donate_argnums=0,
-                                     out_shardings=replicated).lower(
+      self._blocks[cache] = jax.jit(run_block, donate_argnums=0,
+                                    out_shardings=replicated).lower(
           state, jnp.zeros((), jnp.int32)).compile()
-    return self._blocks[length]
+    return self._blocks[cache]
 
-  def run_rounds(self, state: ServerState, start: int, length: int):
+  def run_rounds(self, state: ServerState, start: int, length: int, ticks: bool = False):
     """Runs rounds `start .. start + length − 1` as one compiled program.
 
     The input state's buffers are donated: do not use `state` afterwards (a leaf
-    repeated in `state` is copied first, so any state can be donated).
+    repeated in `state` is copied first, so any state can be donated). `ticks`: the
+    program that reports each round to `drive`'s progress bar (`driver.tick_unit`).
     """
     state = distinct_buffers(state)
-    return self._block(state, length)(state, jnp.asarray(start, jnp.int32))
+    return self._block(state, length, ticks)(state, jnp.asarray(start, jnp.int32))
 
   def evaluate(self, params: Params, client_states=()) -> dict[str, Any]:
     """Evaluation metrics; per-client accuracy uses `Algorithm.personalize` on
@@ -195,6 +279,7 @@ class Simulator:
   # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
   unit = 'round'
   members = None
+  unit_ticks = True
 
   @property
   def num_units(self) -> int:
@@ -204,14 +289,14 @@ class Simulator:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, state, length: int) -> bool:
-    return length in self._blocks
+  def is_compiled(self, state, length: int, ticks: bool = False) -> bool:
+    return ((length, 'ticks') if ticks else length) in self._blocks
 
-  def compile(self, state: ServerState, length: int) -> None:
-    self._block(state, length)
+  def compile(self, state: ServerState, length: int, ticks: bool = False) -> None:
+    self._block(state, length, ticks)
 
-  def run_units(self, state: ServerState, start: int, length: int):
-    return self.run_rounds(state, start, length)
+  def run_units(self, state: ServerState, start: int, length: int, ticks: bool = False):
+    return self.run_rounds(state, start, length, ticks)
 
   def evaluate_state(self, state: ServerState) -> dict[str, Any]:
     return self.evaluate(state.params, state.client_states)

@@ -21,6 +21,11 @@ compiled `lax.scan` is one aggregation:
      over the 'clients' mesh axis), the algorithm's `server_update` aggregates.
   4. The new model is written to the ring buffer and the K clients restart.
 
+Availability traces (`ClientClock.trace`): a client starts a job only while it
+is online, at the first online time at or after the moment it would start (the
+model it trains from is still the one of that moment: an approximation, as for
+lost jobs below); a client never online again never finishes.
+
 Lost jobs (dropout or availability masks): such a job never arrives; at the first
 aggregation after its would-be finish time the client starts a new job, from that
 finish time and the newest model (an approximation: the model pushed at the
@@ -48,7 +53,7 @@ from fedjax_sync import communication
 from fedjax_sync.clients.execution import ClientExecution, map_clients, replicate, shard_client_axis
 from fedjax_sync.data.batching import LocalWork, make_client_batch, to_device
 from fedjax_sync.data.federated import FederatedData
-from fedjax_sync.simulate.clock import ClientClock, job_available, job_times
+from fedjax_sync.simulate.clock import ClientClock, job_available, job_start_times, job_times
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_asynchronous, check_population
 from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers
@@ -184,7 +189,8 @@ def make_async_engine(algorithm: AsyncAlgorithm, clock: ClientClock, batch_fn: B
     return AsyncState(
         server=server, history=history,
         start_version=jnp.zeros((num_clients,), jnp.int32),
-        finish_time=job_times(clock, clock_key, all_ids, jobs).astype(jnp.float32),
+        finish_time=(job_start_times(clock, all_ids, 0.0)
+                     + job_times(clock, clock_key, all_ids, jobs)).astype(jnp.float32),
         arrives=job_available(clock, clock_key, all_ids, jobs),
         jobs=jobs + 1, now=jnp.zeros((), jnp.float32))
 
@@ -225,6 +231,7 @@ def make_async_engine(algorithm: AsyncAlgorithm, clock: ClientClock, batch_fn: B
     else:
       restart_time, restart_version = finish, version
     jobs_k = state.jobs[ids]
+    restart_time = job_start_times(clock, ids, restart_time)   # waits for an online window
     duration = job_times(clock, clock_key, ids, jobs_k)
     finish_time = state.finish_time.at[ids].set(
         jnp.where(arrived, restart_time + duration, state.finish_time[ids]))
@@ -246,7 +253,8 @@ def make_async_engine(algorithm: AsyncAlgorithm, clock: ClientClock, batch_fn: B
       lost_jobs = jobs[lost_ids]
       lost_finish = finish_time[lost_ids]
       finish_time = finish_time.at[lost_ids].set(jnp.where(
-          lost, lost_finish + job_times(clock, clock_key, lost_ids, lost_jobs), lost_finish))
+          lost, job_start_times(clock, lost_ids, lost_finish)
+          + job_times(clock, clock_key, lost_ids, lost_jobs), lost_finish))
       start_version = start_version.at[lost_ids].set(
           jnp.where(lost, version + 1, start_version[lost_ids]))
       arrives = arrives.at[lost_ids].set(jnp.where(

@@ -23,7 +23,7 @@ from fedjax_sync.data.federated import FederatedData
 # Moved to the one driver; these names stay importable from here.
 from fedjax_sync.simulate.driver import (DIVERGENCE_METRICS, block_schedule, check_alive,  # noqa: F401
                                          distinct_buffers, drive, first_nonfinite,
-                                         fresh_buffers, tick_unit, warn_nonfinite)
+                                         fresh_buffers, warn_nonfinite)
 from fedjax_sync.simulate.availability import AvailabilityTrace, is_online
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
@@ -201,38 +201,33 @@ class Simulator:
                                               jnp.zeros_like(batch.weight)))
     return pad_clients(batch, self.execution.num_shards), algorithm_key, metrics
 
-  def _block(self, state: ServerState, length: int, ticks: bool = False) -> Callable:
-    """The compiled program of `length` consecutive rounds (compiled once per length;
-    with `ticks`, a second program reporting each round to the progress bar)."""
-    cache = (length, 'ticks') if ticks else length
-    if cache not in self._blocks:
+  def _block(self, state: ServerState, length: int) -> Callable:
+    """The compiled program of `length` consecutive rounds (compiled once per length)."""
+    if length not in self._blocks:
       check_population(self.algorithm, self.data.num_clients, state.client_states)
       def run_block(state, start):
         def body(s, r):
           batch, key, sampling = self.sample_round_with_metrics(r)
           s, metrics = self.algorithm.round(s, batch, key)
-          if ticks:
-            s = tick_unit(r - start + 1, s)
           return s, ({**metrics, **sampling} if sampling else metrics)
         return jax.lax.scan(body, state, start + jnp.arange(length))
       # With a mesh, outputs (state, per-client metrics) come back replicated, so every
       # process of a multi-host run can read them.
       mesh = self.execution.mesh
       replicated = NamedSharding(mesh, P()) if mesh is not None else None
-      self._blocks[cache] = jax.jit(run_block, donate_argnums=0,
-                                    out_shardings=replicated).lower(
+      self._blocks[length] = jax.jit(run_block, donate_argnums=0,
+                                     out_shardings=replicated).lower(
           state, jnp.zeros((), jnp.int32)).compile()
-    return self._blocks[cache]
+    return self._blocks[length]
 
-  def run_rounds(self, state: ServerState, start: int, length: int, ticks: bool = False):
+  def run_rounds(self, state: ServerState, start: int, length: int):
     """Runs rounds `start .. start + length − 1` as one compiled program.
 
     The input state's buffers are donated: do not use `state` afterwards (a leaf
-    repeated in `state` is copied first, so any state can be donated). `ticks`: the
-    program that reports each round to `drive`'s progress bar (`driver.tick_unit`).
+    repeated in `state` is copied first, so any state can be donated).
     """
     state = distinct_buffers(state)
-    return self._block(state, length, ticks)(state, jnp.asarray(start, jnp.int32))
+    return self._block(state, length)(state, jnp.asarray(start, jnp.int32))
 
   def evaluate(self, params: Params, client_states=()) -> dict[str, Any]:
     """Evaluation metrics; per-client accuracy uses `Algorithm.personalize` on
@@ -279,7 +274,6 @@ class Simulator:
   # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
   unit = 'round'
   members = None
-  unit_ticks = True
 
   @property
   def num_units(self) -> int:
@@ -289,14 +283,14 @@ class Simulator:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, state, length: int, ticks: bool = False) -> bool:
-    return ((length, 'ticks') if ticks else length) in self._blocks
+  def is_compiled(self, state, length: int) -> bool:
+    return length in self._blocks
 
-  def compile(self, state: ServerState, length: int, ticks: bool = False) -> None:
-    self._block(state, length, ticks)
+  def compile(self, state: ServerState, length: int) -> None:
+    self._block(state, length)
 
-  def run_units(self, state: ServerState, start: int, length: int, ticks: bool = False):
-    return self.run_rounds(state, start, length, ticks)
+  def run_units(self, state: ServerState, start: int, length: int):
+    return self.run_rounds(state, start, length)
 
   def evaluate_state(self, state: ServerState) -> dict[str, Any]:
     return self.evaluate(state.params, state.client_states)

@@ -183,9 +183,9 @@ def test_synchronous_sampling_draws_only_online_clients():
     return draw_participants(key, counts, cfg, available)
 
   keys = jax.random.split(jax.random.key(3), 40)
-  for proportional in (False, True):
-    ids, present, metrics = jax.jit(jax.vmap(lambda k, r: draw(k, r, proportional)))(
-        keys, jnp.arange(40))
+  both = jax.jit(jax.vmap(lambda k, r: (draw(k, r, False), draw(k, r, True))))(
+      keys, jnp.arange(40))   # uniform and size-proportional, one compiled program
+  for ids, present, metrics in both:
     ids, present = np.asarray(ids), np.asarray(present)
     for r in range(40):
       online = _numpy_online(trace.starts, trace.ends, 5.0, np.arange(n), r * 0.5)
@@ -206,24 +206,22 @@ def test_asynchronous_jobs_start_only_while_online():
   init, step = make_async_engine(_version_probe(), clock, _dummy_batch, buffer_size=2,
                                  run_key=jax.random.key(0))
   step = jax.jit(step)
-  state = init(jnp.zeros(()))
-  ids = jnp.arange(n)
-  starts_seen = []
+  state = jax.jit(init)(jnp.zeros(()))
   for _ in range(30):
-    start = state.finish_time - jnp.asarray(times)
-    assert bool(jnp.all(is_online(trace, ids, start))), np.asarray(start)
-    starts_seen.append(np.asarray(start))
+    start = np.asarray(state.finish_time) - times
+    assert _numpy_online(trace.starts, trace.ends, 6.0, np.arange(n), start).all(), start
     state, metrics = step(state)
     assert float(jnp.min(metrics['weight'])) > 0
   # Without the trace, clients restart at the aggregation time: some would start offline.
   free_init, free_step = make_async_engine(_version_probe(), make_clock(times), _dummy_batch,
                                            buffer_size=2, run_key=jax.random.key(0))
-  free = free_init(jnp.zeros(()))
+  free, free_step = jax.jit(free_init)(jnp.zeros(())), jax.jit(free_step)
   offline_starts = 0
   for _ in range(30):
-    start = free.finish_time - jnp.asarray(times)
-    offline_starts += int(jnp.sum(~is_online(trace, ids, start)))
-    free, _ = jax.jit(free_step)(free)
+    start = np.asarray(free.finish_time) - times
+    offline_starts += int((~_numpy_online(trace.starts, trace.ends, 6.0, np.arange(n),
+                                          start)).sum())
+    free, _ = free_step(free)
   assert offline_starts > 0
   assert float(state.now) > float(free.now)   # waiting for windows takes simulated time
 

@@ -123,7 +123,7 @@ def is_online(trace: AvailabilityTrace, client_ids: jax.Array, time) -> jax.Arra
 
 def next_online(trace: AvailabilityTrace, client_ids: jax.Array, time) -> jax.Array:
   """`[C]` float32: the earliest time ≥ `time` at which each client is online (+inf: never)."""
-  starts, ends = trace.starts[client_ids], trace.ends[client_ids]
+  starts = trace.starts[client_ids]
   t = jnp.broadcast_to(jnp.asarray(time, jnp.float32), client_ids.shape)
   online = is_online(trace, client_ids, t)
   if trace.period is None:
@@ -195,8 +195,7 @@ def diurnal_availability(num_clients: int, *, day_length: float = 24.0,
       intervals.append((i, float(start), float(min(end, period))))
       if end > period:
         intervals.append((i, 0.0, float(end - period)))
-  trace = make_availability(intervals, num_clients, period=period, where='diurnal_availability')
-  return trace
+  return make_availability(intervals, num_clients, period=period, where='diurnal_availability')
 
 
 def load_availability_csv(path: str, num_clients: int, *,

@@ -347,3 +347,15 @@ def test_participation_epsilon_is_dp_accountings_and_falls_with_q():
   assert participation_epsilon(uniform, 1000, 1.1, 1e-6) == direct.get_epsilon(1e-6)
   with pytest.raises(ValueError, match='size-proportional'):
     participation_epsilon(SimulationConfig(5, 2, work, proportional_sampling=True), 10, 1.0, 1e-5)
+
+
+def test_checkpoint_identity_leaves_out_default_availability_and_sampling():
+  from fedjax_sync import cli, cli_availability
+
+  options = cli._identity_options(cli.build_parser().parse_args(['run']))
+  assert not set(options) & set(cli_availability.DEFAULTS)   # older checkpoints resume
+  options = cli._identity_options(cli.build_parser().parse_args(
+      ['run', '--sampling', 'poisson', '--sampling-rate', '0.1', '--availability', 'diurnal']))
+  assert (options['sampling'], options['sampling_rate'], options['availability']) == (
+      'poisson', 0.1, 'diurnal')
+  assert 'day_length' not in options

@@ -423,6 +423,48 @@ def _device_memory() -> tuple[int, str]:
   return _host_memory(), 'host'
 
 
+def _holds_rows(run_dir: str) -> bool:
+  """Whether a run directory (or, for a sweep, one of its members) has written a row."""
+  from fedjax_sync import reporting
+  from fedjax_sync.simulate.sweep import MEMBERS_DIR
+  members = os.path.join(run_dir, MEMBERS_DIR)
+  dirs = [run_dir] + ([os.path.join(members, m) for m in os.listdir(members)]
+                      if os.path.isdir(members) else [])
+  return any(reporting.last_metrics_round(d) > 0 for d in dirs)
+
+
+def execute_run(runner, state, args, *, new_dir, identity: dict, write_config,
+                evaluation_hooks=()):
+  """Runs a runner of the one driver as `fedjax-sync run` does, whatever its timeline.
+
+  With `--resume` (`args.resume`), continues from the newest checkpoint of that
+  directory (rewriting its config.json once the restore succeeded); otherwise creates
+  `new_dir`, writes config.json, and runs with checkpoints every `--checkpoint-every`
+  units if given. A new run that fails before its first row leaves no directory.
+
+  Returns:
+    `(run_dir, result)`.
+  """
+  from fedjax_sync.simulate import checkpoint
+
+  progress = not args.quiet
+  options = dict(progress=progress, identity=identity, tensorboard=args.tensorboard,
+                 evaluation_hooks=evaluation_hooks)
+  if args.resume is not None:
+    run_dir = args.resume
+    return run_dir, checkpoint.run_with_checkpoints(
+        runner, state, run_dir=run_dir, every=args.checkpoint_every, resume=True,
+        on_start=lambda _: write_config(run_dir), **options)
+  with new_dir:
+    run_dir = new_dir.create()
+    write_config(run_dir)
+    if args.checkpoint_every:
+      return run_dir, checkpoint.run_with_checkpoints(
+          runner, state, run_dir=run_dir, every=args.checkpoint_every, **options)
+    return run_dir, runner.run(state, run_dir=run_dir, progress=progress,
+                               tensorboard=args.tensorboard, evaluation_hooks=evaluation_hooks)
+
+
 class _NewRunDirectory:
   """The run directory of a new run: checked before any work, created when the run starts.
 
@@ -462,8 +504,7 @@ class _NewRunDirectory:
     return self
 
   def __exit__(self, kind, error, tb):
-    from fedjax_sync import reporting
-    if kind is None or reporting.last_metrics_round(self.path) > 0:
+    if kind is None or _holds_rows(self.path):
       return False
     top = self._top_created or (None if self._existed else os.path.abspath(self.path))
     if top is not None and os.path.isdir(top):
@@ -931,25 +972,9 @@ def _run(args, given: set[str] = frozenset()) -> int:
                  'cli_args': {k: v for k, v in vars(args).items() if k != 'resume'}}, f,
                 indent=2)
 
-  if resuming:
-    run_dir = args.resume
-    result = checkpoint.run_with_checkpoints(
-        simulator, state, run_dir=run_dir, every=args.checkpoint_every, resume=True,
-        progress=not args.quiet, identity=identity, on_start=lambda _: write_config(run_dir),
-        tensorboard=args.tensorboard, evaluation_hooks=hooks)
-  else:
-    with new_dir:
-      run_dir = new_dir.create()
-      write_config(run_dir)
-      if args.checkpoint_every:
-        result = checkpoint.run_with_checkpoints(simulator, state, run_dir=run_dir,
-                                                 every=args.checkpoint_every,
-                                                 progress=not args.quiet, identity=identity,
-                                                 tensorboard=args.tensorboard,
-                                                 evaluation_hooks=hooks)
-      else:
-        result = simulator.run(state, run_dir=run_dir, progress=not args.quiet,
-                               tensorboard=args.tensorboard, evaluation_hooks=hooks)
+  run_dir, result = execute_run(simulator, state, args, new_dir=None if resuming else new_dir,
+                                identity=identity, write_config=write_config,
+                                evaluation_hooks=hooks)
   final = result.final_eval
   print(f'{args.algorithm} on {data.name}: test accuracy {float(final["test_accuracy"]):.4f}, '
         f'test loss {float(final["test_loss"]):.4f} after {args.rounds} rounds '

@@ -194,8 +194,7 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
   import numpy as np
 
   from fedjax_sync.algorithms.registry import hyperparameter_values
-  from fedjax_sync.cli import NONFINITE_RUN, _identity_options, _model_error
-  from fedjax_sync.simulate import checkpoint
+  from fedjax_sync.cli import NONFINITE_RUN, _identity_options, _model_error, execute_run
   from fedjax_sync.simulate.driver import first_nonfinite
   from fedjax_sync.simulate.sweep import _TRACER_ERRORS, Sweep, registered_algorithm
 
@@ -241,41 +240,15 @@ def run_sweep(args, plan: SweepPlan, *, model, model_name: str, data, partition,
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       json.dump(top, f, indent=2)
 
-  written = False
-
-  def on_block(states, units_done, histories):
-    del states, units_done, histories
-    nonlocal written
-    written = True
-
-  progress = not args.quiet
   try:
     try:
       states = sweep.init()
     except TypeError as e:
       raise _model_error(args, model_name, data, e) from None
-    if resuming:   # the checkpoint holds every member's state and rows
-      run_dir = args.resume
-      result = checkpoint.run_with_checkpoints(
-          sweep, states, run_dir=run_dir, every=args.checkpoint_every, resume=True,
-          progress=progress, identity=identity, on_start=lambda _: write_configs(run_dir),
-          tensorboard=args.tensorboard)
-    else:
-      try:
-        run_dir = new_dir.create()
-        write_configs(run_dir)
-        if args.checkpoint_every:
-          result = checkpoint.run_with_checkpoints(
-              sweep, states, run_dir=run_dir, every=args.checkpoint_every, progress=progress,
-              identity=identity, tensorboard=args.tensorboard, on_block=on_block)
-        else:
-          # The driver appends each member's rows to members/<label>/metrics.jsonl.
-          result = sweep.run(states, run_dir=run_dir, progress=progress,
-                             tensorboard=args.tensorboard, on_block=on_block)
-      except BaseException:
-        if not written:   # nothing computed: leave no directory (the command can run again)
-          new_dir.__exit__(*sys.exc_info())
-        raise
+    # The driver appends each member's rows to members/<label>/metrics.jsonl; the whole
+    # sweep is checkpointed and resumed as one run.
+    run_dir, result = execute_run(sweep, states, args, new_dir=new_dir, identity=identity,
+                                  write_config=write_configs)
   except ValueError as e:
     if isinstance(e.__cause__, _TRACER_ERRORS):
       raise _untraceable_error(args, sweep, e) from None

@@ -181,7 +181,6 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
                                                hyperparameter_values)
   from fedjax_sync.data.federated import data_fingerprint
   from fedjax_sync.data.registry import default_model
-  from fedjax_sync.simulate import checkpoint
   from fedjax_sync.simulate.driver import first_nonfinite
 
   check_flags(args, given, timeline)
@@ -277,24 +276,10 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
     with open(os.path.join(run_dir, 'config.json'), 'w') as f:
       json.dump(record, f, indent=2)
 
-  progress = not args.quiet
-  if resuming:   # the one driver resumes every timeline from its newest checkpoint
-    run_dir = args.resume
-    result = checkpoint.run_with_checkpoints(
-        simulator, state, run_dir=run_dir, every=args.checkpoint_every, resume=True,
-        progress=progress, identity=identity, on_start=lambda _: write_config(run_dir),
-        tensorboard=args.tensorboard, evaluation_hooks=hooks)
-  else:
-    with new_dir:
-      run_dir = new_dir.create()
-      write_config(run_dir)
-      if args.checkpoint_every:
-        result = checkpoint.run_with_checkpoints(
-            simulator, state, run_dir=run_dir, every=args.checkpoint_every, progress=progress,
-            identity=identity, tensorboard=args.tensorboard, evaluation_hooks=hooks)
-      else:
-        result = simulator.run(state, run_dir=run_dir, progress=progress,
-                               tensorboard=args.tensorboard, evaluation_hooks=hooks)
+  # The one driver runs, checkpoints and resumes every timeline alike.
+  run_dir, result = cli.execute_run(simulator, state, args,
+                                    new_dir=None if resuming else new_dir, identity=identity,
+                                    write_config=write_config, evaluation_hooks=hooks)
   final = result.final_eval
   if timeline == SEMI_ASYNC:
     unit = 'aggregations'

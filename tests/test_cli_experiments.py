@@ -110,3 +110,55 @@ def test_heterogeneity_study_end_to_end(tmp_path):
   assert all(r['bytes_up'] == 2 * rows[0]['bytes_up'] for r in one_class)  # 10 vs 5 clients
   with pytest.raises(ValueError, match="unknown algorithm\\(s\\) \\['nope'\\]; valid:"):
     study.run(str(tmp_path / 'bad'), quick=True, algorithms=('nope',))
+
+
+def test_personalization_study_end_to_end(tmp_path):
+  from fedjax_sync.cli import _load_study
+  study = _load_study(os.path.join(ROOT, 'experiments', 'personalization.py'))
+  run_dir = str(tmp_path / 'personal')
+  headline = study.run(run_dir, quick=True, methods=('fedavg', 'fedavg+ft'), rounds=2,
+                       eval_every=2)
+  assert set(os.listdir(run_dir)) >= {'config.json', 'metrics.jsonl', 'summary.md',
+                                      'personalization.png', 'personalized_accuracy.png'}
+  for png in ('personalization.png', 'personalized_accuracy.png'):
+    _assert_png(os.path.join(run_dir, png))
+  rows = reporting.read_metrics(run_dir)
+  assert len(rows) == 2 * 2   # 2 methods × 2 seeds, one evaluation (round 2)
+  by = {(r['method'], r['seed']): r for r in rows}
+  for seed in (0, 1):
+    plain, tuned = by['fedavg', seed], by['fedavg+ft', seed]
+    # Two code paths agree: the mean over clients of the global model's held-out
+    # accuracy (personalization evaluator) and the run's own test accuracy on the union
+    # of the held-out sets (13 or 14 examples per client: nearly equal weights).
+    assert plain['personalized_accuracy_mean'] == pytest.approx(plain['test_accuracy'], abs=0.02)
+    assert plain['personalized_accuracy_mean'] == plain['client_accuracy_mean']
+    assert tuned['test_accuracy'] == plain['test_accuracy']
+    # On two-label clients, 10 local steps beat the barely trained global model.
+    assert tuned['personalized_accuracy_mean'] > plain['personalized_accuracy_mean'] + 0.2
+    assert tuned['personalized_accuracy_worst_decile'] <= tuned['personalized_accuracy_median']
+  summary = open(os.path.join(run_dir, 'summary.md')).read()
+  assert '| fedavg+ft |' in summary and ' ± ' in summary
+  assert set(headline['personalized_accuracy_mean']) == {'fedavg', 'fedavg+ft'}
+  with pytest.raises(ValueError, match="unknown method\\(s\\) \\['nope'\\]; valid: fedavg,"):
+    study.run(str(tmp_path / 'bad'), quick=True, methods=('nope',))
+
+
+@pytest.mark.slow
+def test_personalization_study_personal_and_clustered_models(tmp_path):
+  """The other evaluation paths: Ditto's own models, Per-FedAvg's one step, IFCA's clusters."""
+  from fedjax_sync.cli import _load_study
+  study = _load_study(os.path.join(ROOT, 'experiments', 'personalization.py'))
+  run_dir = str(tmp_path / 'personal')
+  study.run(run_dir, quick=True, methods=('fedavg', 'ditto', 'perfedavg_fo', 'ifca'), rounds=2,
+            eval_every=2)
+  by = {(r['method'], r['seed']): r for r in reporting.read_metrics(run_dir)}
+  assert len(by) == 4 * 2
+  for seed in (0, 1):
+    # Ditto's global model is FedAvg's (same seed, same keys); its personal models differ.
+    assert by['ditto', seed]['test_accuracy'] == pytest.approx(by['fedavg', seed]['test_accuracy'],
+                                                               abs=1e-6)
+    assert by['ditto', seed]['personalized_accuracy_mean'] != pytest.approx(
+        by['ditto', seed]['client_accuracy_mean'], abs=1e-3)
+    for method in ('perfedavg_fo', 'ifca'):
+      row = by[method, seed]
+      assert 0.0 <= row['personalized_accuracy_worst_decile'] <= row['personalized_accuracy_mean'] <= 1.0

@@ -197,3 +197,25 @@ def test_a_sweep_evaluates_each_clients_personal_model_as_the_simulator_does():
     for key, value in expected.items():
       if np.ndim(value) == 0:
         np.testing.assert_allclose(result.final_evals[s][key], value, rtol=1e-5, err_msg=key)
+
+
+def test_a_checkpoints_identity_holds_the_sampling_and_the_availability_trace():
+  from fedjax_sync.simulate.availability import diurnal_availability
+
+  work = fs.LocalWork(batch_size=5, steps=1)
+  algorithm = fs.fed_avg(MODEL.loss, optax.sgd(0.1))
+
+  def identity(**config):
+    sim_config = fs.SimulationConfig(num_rounds=2, clients_per_round=4, local_work=work,
+                                     **{k: v for k, v in config.items() if k != 'trace'})
+    sim = fs.Simulator(algorithm, MODEL, DATA, sim_config,
+                       **({'availability': config['trace']} if 'trace' in config else {}))
+    return checkpoint.simulation_identity(sim)
+
+  uniform = identity()
+  assert 'sampling' not in uniform and 'availability' not in uniform   # old checkpoints resume
+  poisson = identity(sampling='poisson', sampling_rate=0.5)
+  assert poisson['sampling'] == 'poisson' and poisson != uniform
+  trace = diurnal_availability(DATA.num_clients, seed=0)
+  assert identity(trace=trace)['availability'] == identity(trace=trace)['availability']
+  assert identity(trace=trace) != uniform

@@ -117,15 +117,25 @@ def simulation_identity(simulator) -> dict[str, Any]:
   """What a checkpoint must agree with to continue `simulator`'s run.
 
   The algorithm's name, the data (name, number of clients), the seed, the sampling
-  and the local work: the state of another run may fit the same arrays (FedAvg and
+  (Poisson rate, availability trace: a digest of its intervals) and the local work: the state of another run may fit the same arrays (FedAvg and
   FedProx have one structure) but continuing it would mix two runs.
   """
   cfg = simulator.config
-  return {'algorithm': getattr(simulator.algorithm, 'name', None),
-          'dataset': getattr(simulator.data, 'name', None),
-          'num_clients': int(simulator.data.num_clients), 'seed': cfg.seed,
-          'clients_per_round': cfg.clients_per_round, 'local_work': list(cfg.local_work),
-          'proportional_sampling': cfg.proportional_sampling}
+  identity = {'algorithm': getattr(simulator.algorithm, 'name', None),
+              'dataset': getattr(simulator.data, 'name', None),
+              'num_clients': int(simulator.data.num_clients), 'seed': cfg.seed,
+              'clients_per_round': cfg.clients_per_round, 'local_work': list(cfg.local_work),
+              'proportional_sampling': cfg.proportional_sampling}
+  # Sampling and availability change which clients train; they are part of the identity
+  # when not at their defaults (so checkpoints made before they existed still resume).
+  if getattr(cfg, 'sampling', 'uniform') != 'uniform':
+    identity.update(sampling=cfg.sampling, sampling_rate=cfg.sampling_rate)
+  trace = getattr(simulator, 'availability', None)
+  if trace is not None:
+    leaves = [np.asarray(x) for x in (trace.starts, trace.ends)]
+    identity.update(round_duration=getattr(cfg, 'round_duration', None),
+                    availability=_digest(leaves, json.dumps(trace.period)))
+  return identity
 
 
 def list_checkpoints(directory: str) -> list[tuple[int, str]]:
@@ -186,6 +196,12 @@ def save(directory: str, state, rounds_done: int, history: list[dict[str, Any]],
     earlier = [p for r, p in list_checkpoints(directory) if r < rounds_done]
     for old in earlier[:max(0, len(earlier) - (keep - 1))]:
       shutil.rmtree(old, ignore_errors=True)
+  if jax.process_count() > 1:
+    # Every process returns once process 0 has committed meta.json: a process that
+    # reads the checkpoint right away (a resume in the same job) must not find it
+    # incomplete.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'fedjax_sync checkpoint {path}')
   return path
 
 

@@ -47,6 +47,8 @@ The number of clients per round must be a multiple of the global device count
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -54,7 +56,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_sync.clients.execution import CLIENT_AXIS
-from fedjax_sync.data.batching import DeviceData
 from fedjax_sync.simulate.rounds import Simulator
 from fedjax_sync.types import ClientBatch
 
@@ -131,11 +132,140 @@ def process_local_client_batch(local: ClientBatch, mesh: Mesh) -> ClientBatch:
                       local)
 
 
-class MultiHostSimulator(Simulator):
+def _runner_mesh(runner) -> Mesh | None:
+  """The mesh a runner's compiled programs shard the clients over."""
+  execution = getattr(runner, 'execution', None)
+  mesh = getattr(execution, 'mesh', None)
+  return mesh if mesh is not None else getattr(runner, 'mesh', None)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_program(mesh: Mesh):
+  """One jitted identity whose outputs are replicated over `mesh` (compiled once per
+  tree structure, shapes and input shardings)."""
+  return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
+
+
+def _replicated(tree: Any, mesh: Mesh) -> Any:
+  """`tree` with its global arrays replicated over `mesh` (all-gathered when not).
+
+  The synchronous blocks already return replicated outputs; the other runners let
+  XLA choose (per-client metrics come back sharded over the clients), and both the
+  host and the next block (compiled for a replicated state) need them replicated.
+  """
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  if all(x.sharding.is_fully_replicated for x in leaves):
+    return tree
+  return _gather_program(mesh)(tree)
+
+
+class MultiHost:
+  """Mixin: a runner of the one driver whose state lives on a multi-process mesh.
+
+  Put it before the runner class (`class X(MultiHost, SemiAsyncSimulator)`), or
+  let `multihost(runner)` do it for an existing runner. Every process holds the
+  same dataset, config and seed and makes the same calls (module docstring). On
+  top of the runner it:
+
+  * replicates the initial state over the global mesh (`init`);
+  * keeps the state replicated after every block and brings the metrics to the
+    host (`run_units`), so the driver reads them on every process;
+  * evaluates the host copy of the model on every process (`evaluate_state`,
+    `evaluate`, `evaluated_model` and the evaluation hooks see host arrays);
+  * writes `metrics.jsonl`, TensorBoard events and the progress bar on process 0
+    only (`run`); checkpoints (`simulate.checkpoint`) are written by every
+    process through orbax, which coordinates them.
+
+  With one process it runs as the plain runner with a mesh.
+  """
+
+  # Every process must run the same program, and only process 0 shows the bar: the
+  # bar advances per block (no per-unit callback program, `driver.tick_unit`).
+  unit_ticks = False
+
+  @property
+  def global_mesh(self) -> Mesh:
+    mesh = _runner_mesh(self)
+    if mesh is None:
+      raise ValueError(f'{type(self).__name__} needs a mesh: build the runner with '
+                       'execution=ClientExecution(..., mesh=fedjax_sync.client_mesh()) '
+                       '(AveragingSimulator: mesh=client_mesh()); it spans every process')
+    return mesh
+
+  def init(self, params=None):
+    return replicate_global(to_host(super().init(params)), self.global_mesh)
+
+  def run_units(self, state, start, length, *args, **kwargs):
+    state, metrics = _replicated(super().run_units(state, start, length, *args, **kwargs),
+                                 self.global_mesh)
+    return state, to_host(metrics)
+
+  def evaluate(self, *args, **kwargs):
+    return super().evaluate(*to_host(args), **to_host(kwargs))
+
+  def evaluate_state(self, state):
+    # Evaluation is cheap next to training: every process evaluates its host copy.
+    return super().evaluate_state(to_host(state))
+
+  def evaluated_model(self, state):
+    return to_host(super().evaluated_model(state))
+
+  def run(self, state, *, run_dir=None, progress: bool | None = None, tensorboard=False,
+          evaluation_hooks: Sequence = (), **kwargs):
+    """The runner's `run`; files and the progress bar on process 0 only.
+
+    `progress=None` (the default) shows the bar on process 0. Evaluation hooks
+    receive the host copy of the state.
+    """
+    primary = is_primary()
+    if progress is None:
+      progress = primary
+    hooks = [lambda s, n, h=h: h(to_host(s), n) for h in evaluation_hooks]
+    if not primary:
+      run_dir, progress, tensorboard = None, False, False
+    return super().run(state, run_dir=run_dir, progress=progress, tensorboard=tensorboard,
+                       evaluation_hooks=hooks, **kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def multihost(runner):
+  """`runner` (a `Simulator`, `SemiAsyncSimulator` or `AveragingSimulator` built with
+  the global mesh) as a `MultiHost` runner of the same class; the original object
+  is left as it was (the copy shares its data and compiled programs).
+
+  Example (on every process):
+    >>> multihost.initialize()
+    >>> execution = fs.ClientExecution('vmap', mesh=fs.client_mesh())
+    >>> sim = multihost.multihost(fs.SemiAsyncSimulator(fs.fed_qs_sgd(model.loss,
+    ...     num_clients=100), model, data, clock, config, execution=execution))
+    >>> result = sim.run(sim.init())
+  """
+  if isinstance(runner, MultiHost):
+    return runner
+  if getattr(runner, 'members', None) is not None:
+    raise ValueError('a Sweep runs on one device set (it takes no mesh); run each member '
+                     'as its own multi-host runner')
+  if _runner_mesh(runner) is None:
+    raise ValueError(f'{type(runner).__name__} was built without a mesh: pass '
+                     'execution=ClientExecution(..., mesh=fedjax_sync.client_mesh()) '
+                     '(AveragingSimulator: mesh=client_mesh()), which spans every process')
+  cls = type(runner)
+  if cls not in _CLASSES:
+    _CLASSES[cls] = type(f'MultiHost{cls.__name__}', (MultiHost, cls),
+                         {'__doc__': f'`{cls.__name__}` on a multi-process mesh (`MultiHost`).'})
+  wrapped = copy.copy(runner)
+  wrapped.__class__ = _CLASSES[cls]
+  return wrapped
+
+
+class MultiHostSimulator(MultiHost, Simulator):
   """A `Simulator` whose state lives on a mesh spanning several processes.
 
   Every process holds the same dataset and config and runs the same calls; see the
   module docstring. With a single process it behaves as `Simulator` with a mesh.
+  (`multihost(Simulator(...))` is the same runner.)
   """
 
   def __init__(self, algorithm, model, data, config, *, execution):
@@ -143,74 +273,149 @@ class MultiHostSimulator(Simulator):
       raise ValueError('MultiHostSimulator needs an execution with a mesh '
                        '(fedjax_sync.client_mesh() spans every process)')
     super().__init__(algorithm, model, data, config, execution=execution)
-    mesh = execution.mesh
-    # Replicated training data on every device of the global mesh (identical on
-    # every process: each process fills its own devices from its host copy).
-    self._device_data = DeviceData(
-        train={k: replicate_global(v, mesh) for k, v in data.train.items()},
-        offsets=replicate_global(data.offsets.astype(np.int32), mesh),
-        counts=replicate_global(data.counts.astype(np.int32), mesh))
 
-  def init(self, params=None):
-    state = super().init(params)
-    return replicate_global(to_host(state), self.execution.mesh)
 
-  def run_rounds(self, state, start, length):
-    state, metrics = super().run_rounds(state, start, length)
-    return state, to_host(metrics)
-
-  def evaluate(self, params, client_states=()):
-    # Evaluation is cheap next to training: every process evaluates its host copy.
-    return jax.device_get(self._evaluate(to_host(params), to_host(client_states)))
+TIMELINES = ('synchronous', 'semi_async', 'averaging')
 
 
 def _demo(argv=None) -> int:
   """`python -m fedjax_sync.simulate.multihost --coordinator H:P --num-processes N
-  --process-id I [--rounds R] [--out params.npz]`: FedAvg on Synthetic(1, 1) with the
-  client axis over every process's devices; process 0 writes the final params."""
+  --process-id I [--timeline synchronous|semi_async|averaging] [--rounds R]
+  [--run-dir D --checkpoint-every K] [--out params.npz]`: a few units of FedAvgM
+  (synchronous), FedQS-SGD (semi_async) or FDA (averaging) on Synthetic(1, 1) with
+  the client axis over every process's devices; process 0 writes the final params.
+  With `--run-dir`, the run crashes after `--checkpoint-every` units
+  (checkpointed), resumes from the checkpoint to the end, and the same units run
+  uninterrupted too (saved as `uninterrupted_leaf_*`; `demo_resume`)."""
   import argparse
 
   parser = argparse.ArgumentParser(description=_demo.__doc__)
   parser.add_argument('--coordinator', default=None)
   parser.add_argument('--num-processes', type=int, default=None)
   parser.add_argument('--process-id', type=int, default=None)
-  parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--clients-per-round', type=int, default=8)
+  parser.add_argument('--timeline', choices=TIMELINES, default='synchronous')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='units: rounds, aggregations or local steps')
+  parser.add_argument('--clients-per-round', type=int, default=8,
+                      help='clients per round, updates per aggregation (K) or workers')
+  parser.add_argument('--run-dir', default=None)
+  parser.add_argument('--checkpoint-every', type=int, default=None)
   parser.add_argument('--out', default=None)
   args = parser.parse_args(argv)
   if args.num_processes is not None and args.num_processes > 1:
     initialize(args.coordinator, args.num_processes, args.process_id)
-  params = demo_run(args.rounds, args.clients_per_round, distributed=True)
+  if args.run_dir is None:
+    params = demo_run(args.rounds, args.clients_per_round, distributed=True,
+                      timeline=args.timeline)
+    arrays = {f'leaf_{i}': x for i, x in enumerate(jax.tree.leaves(params))}
+  else:
+    params, straight = demo_resume(args.rounds, args.clients_per_round,
+                                   timeline=args.timeline, run_dir=args.run_dir,
+                                   checkpoint_every=args.checkpoint_every)
+    arrays = {f'leaf_{i}': x for i, x in enumerate(jax.tree.leaves(params))}
+    arrays.update({f'uninterrupted_leaf_{i}': x
+                   for i, x in enumerate(jax.tree.leaves(straight))})
   if is_primary() and args.out:
-    np.savez(args.out, **{f'leaf_{i}': x for i, x in enumerate(jax.tree.leaves(params))})
+    np.savez(args.out, **arrays)
   print(f'process {jax.process_index()}/{jax.process_count()}: '
         f'{len(jax.devices())} global devices, done', flush=True)
   return 0
 
 
-def demo_run(rounds: int, clients_per_round: int, *, distributed: bool) -> Any:
-  """A few FedAvg rounds on Synthetic(1, 1) sharded over every device; host params.
-
-  With `distributed=False` the same rounds run in one process, unsharded: the
-  reference the multi-process test compares against.
-  """
+def demo_runner(units: int, clients_per_round: int, *, distributed: bool,
+                timeline: str = 'synchronous'):
+  """The demo's runner of `timeline` on Synthetic(1, 1) (16 clients, logistic
+  regression): FedAvgM rounds, FedQS-SGD aggregations (a 1:4 speed-ratio clock) or
+  FDA local steps. `distributed=True`: sharded over every device of every process
+  (a `MultiHost` runner); False: one process, unsharded (the reference)."""
   import optax
 
   import fedjax_sync as fs
   from fedjax_sync.clients.execution import ClientExecution, client_mesh
 
+  if timeline not in TIMELINES:
+    raise ValueError(f'unknown timeline {timeline!r}; valid: {", ".join(TIMELINES)}')
   data = fs.synthetic(1.0, 1.0, num_clients=16, seed=0)
   model = fs.models.logistic_regression((60,), 10)
   mesh = client_mesh() if distributed else None
   execution = ClientExecution('vmap', mesh=mesh)
-  algorithm = fs.fed_avg_m(model.loss, optax.sgd(0.05), execution=execution)
-  config = fs.SimulationConfig(num_rounds=rounds, clients_per_round=clients_per_round,
-                               local_work=fs.LocalWork(batch_size=10, steps=4),
-                               eval_every=rounds, seed=0, per_client_eval=False)
-  cls = MultiHostSimulator if distributed else Simulator
-  sim = cls(algorithm, model, data, config, execution=execution)
-  result = sim.run(sim.init(), progress=False)
-  return to_host(result.state.params)
+  work = fs.LocalWork(batch_size=10, steps=4)
+  if timeline == 'synchronous':
+    algorithm = fs.fed_avg_m(model.loss, optax.sgd(0.05), execution=execution)
+    config = fs.SimulationConfig(num_rounds=units, clients_per_round=clients_per_round,
+                                 local_work=work, eval_every=units, seed=0,
+                                 per_client_eval=False)
+    runner = Simulator(algorithm, model, data, config, execution=execution)
+  elif timeline == 'semi_async':
+    from fedjax_sync.simulate.clock import make_clock, speed_ratio_times
+    from fedjax_sync.simulate.semi_async import AsyncConfig, SemiAsyncSimulator
+    algorithm = fs.fed_qs_sgd(model.loss, num_clients=data.num_clients)
+    clock = make_clock(speed_ratio_times(data.num_clients, 4.0))
+    config = AsyncConfig(num_aggregations=units, buffer_size=clients_per_round,
+                         local_work=work, max_staleness=8, eval_every=units, seed=0)
+    runner = SemiAsyncSimulator(algorithm, model, data, clock, config, execution=execution)
+  else:
+    from fedjax_sync.algorithms.fda import fda
+    from fedjax_sync.simulate.averaging import AveragingSimulator
+    algorithm = fda(model.loss, optax.sgd(0.05), num_workers=clients_per_round,
+                    threshold=0.05, execution=execution)
+    runner = AveragingSimulator(algorithm, model, data, num_steps=units, batch_size=10,
+                                eval_every=units, seed=0, mesh=mesh)
+  return multihost(runner) if distributed else runner
+
+
+def _global_params(state, timeline: str):
+  if timeline == 'synchronous':
+    return to_host(state.params)
+  return to_host(state.server.params if timeline == 'semi_async' else state.anchor)
+
+
+def demo_run(rounds: int, clients_per_round: int, *, distributed: bool,
+             timeline: str = 'synchronous') -> Any:
+  """A few units of `timeline` (`demo_runner`); the final global params on the host.
+
+  With `distributed=False` the same units run in one process, unsharded: the
+  reference the multi-process test compares against.
+  """
+  runner = demo_runner(rounds, clients_per_round, distributed=distributed, timeline=timeline)
+  return _global_params(runner.run(runner.init(), progress=False).state, timeline)
+
+
+class _Crash(Exception):
+  """The demo's simulated crash after a checkpoint."""
+
+
+def demo_resume(rounds: int, clients_per_round: int, *, timeline: str, run_dir: str,
+                checkpoint_every: int) -> tuple[Any, Any]:
+  """Checkpoint + resume on every process: `(resumed params, uninterrupted params)`.
+
+  One multi-host runner of `rounds` units runs under `run_with_checkpoints` with a
+  checkpoint every `checkpoint_every` units and crashes after the first one; a
+  second `run_with_checkpoints(resume=True)` continues from it to the end; then the
+  same runner runs all units without interruption (same blocks: nothing is
+  compiled twice).
+  """
+  from fedjax_sync.simulate.checkpoint import run_with_checkpoints
+
+  if not isinstance(checkpoint_every, int) or not 1 <= checkpoint_every < rounds:
+    raise ValueError(f'checkpoint_every must be an integer in [1, {rounds}), '
+                     f'got {checkpoint_every!r}')
+  runner = demo_runner(rounds, clients_per_round, distributed=True, timeline=timeline)
+
+  def crash(state, units_done, history):
+    del state, history
+    if units_done == checkpoint_every:
+      raise _Crash(units_done)
+
+  try:
+    run_with_checkpoints(runner, run_dir=run_dir, every=checkpoint_every, progress=False,
+                         on_block=crash)
+  except _Crash:
+    pass
+  resumed = run_with_checkpoints(runner, run_dir=run_dir, every=checkpoint_every,
+                                 resume=True, progress=False, log=lambda m: None)
+  straight = runner.run(runner.init(), block_every=checkpoint_every, progress=False)
+  return (_global_params(resumed.state, timeline), _global_params(straight.state, timeline))
 
 
 if __name__ == '__main__':

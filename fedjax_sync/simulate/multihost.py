@@ -183,6 +183,10 @@ class MultiHost:
   # bar advances per block (no per-unit callback program, `driver.tick_unit`).
   unit_ticks = False
 
+  # Every process must run the same compiled programs; only process 0 shows a
+  # progress bar, so the bar advances per block, never from a ticking program.
+  unit_ticks = False
+
   @property
   def global_mesh(self) -> Mesh:
     mesh = _runner_mesh(self)

@@ -10,17 +10,24 @@ Every host runs the same program (SPMD, one process per host or per GPU):
     execution = fs.ClientExecution('vmap', mesh=mesh)
     algorithm = fs.fed_avg(model.loss, optax.sgd(0.1), execution=execution)
     sim = multihost.MultiHostSimulator(algorithm, model, data, config, execution=execution)
-    result = sim.run(sim.init(), progress=multihost.is_primary())
+    result = sim.run(sim.init())  # metrics.jsonl and the progress bar on process 0
 
-Data placement (the simple, valid mode implemented by `MultiHostSimulator`): every
+Every timeline of the one driver runs the same way: `multihost(runner)` turns a
+`SemiAsyncSimulator` (FedBuff, FedAsync, FedQS; built with the mesh's execution)
+or an `AveragingSimulator` (FDA; `mesh=`) into a `MultiHost` runner of the same
+class, and `run_with_checkpoints` checkpoints and resumes it on every process.
+
+Data placement (the simple, valid mode implemented by `MultiHost`): every
 process holds the same `FederatedData` (load it from the same files with the same
-seed) and the same run key, so every process samples the same clients and builds
-the same `[C, S, B, ...]` round input inside the compiled round; XLA's SPMD
-partitioner then keeps only each device's `C / D` clients' slice, so each device
-trains only its own clients, and the weighted mean is an all-reduce over the
-'clients' axis. The server state is replicated on every device; metrics and
-evaluation are computed identically on every process. This costs host memory
-(the dataset on every host) but no data movement per round.
+seed) and the same run key, so every process samples the same clients (or the
+same K earliest finishers, or the same worker batches) and builds the same
+`[C, S, B, ...]` input inside the compiled block; XLA's SPMD partitioner then keeps
+only each device's `C / D` clients' slice, so each device trains only its own
+clients, and the weighted mean is an all-reduce over the 'clients' axis. The
+state is replicated on every device (outputs XLA leaves sharded are all-gathered
+after each block); metrics and evaluation are computed identically on every
+process. This costs host memory (the dataset on every host) but no data movement
+per round.
 
 Feeding each process only its own clients' data (`process_local_client_batch`, via
 `jax.make_array_from_process_local_data`) is the building block for datasets too

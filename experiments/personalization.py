@@ -11,6 +11,7 @@ by its mean and the mean of its worst decile. What "each client's model" is diff
 |---|---|
 | FedAvg | the global model (no personalization) |
 | FedAvg + FT | the global model after K local SGD steps on the client (K = `finetune_steps`) |
+| FedAvg + 1 step | the global model after one SGD step (Per-FedAvg's budget, for comparison) |
 | Ditto, FedPer, FedRep, APFL, pFedMe | the algorithm's own personal model (`Algorithm.personalize`), as it is |
 | Per-FedAvg FO / HF | the meta-model after one SGD step of α on the client (the paper's protocol) |
 | IFCA | the model of the cluster the client chose last (`ifca.client_models`) |
@@ -72,6 +73,7 @@ class Method(NamedTuple):
 METHODS = (
     Method('fedavg', 'fedavg', 'global', {}),
     Method('fedavg+ft', 'fedavg', 'finetune', {}),
+    Method('fedavg+1step', 'fedavg', 'one_step', {}),
     Method('ditto', 'ditto', 'own', {}),
     Method('fedper', 'fedper', 'own', {}),
     Method('fedrep', 'fedrep', 'own', {}),
@@ -163,10 +165,50 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
           'num_clusters', 'cluster_init_scale')},
       'quick': quick})
 
-  # The runs: one sweep per (algorithm, its hyperparameters); FedAvg serves two methods.
+  rows, seconds = _run_methods(run_dir, model, data, config, base,
+                               [by_label[label] for label in labels], num_seeds,
+                               finetune_steps, batch_size, client_lr, progress)
+  notes = (f'{data.name}; mlp; {num_seeds} seeds (mean ± population std), round {num_rounds}; '
+           f'{clients_per_round} of {num_clients} clients per round, {local_steps} local SGD '
+           f'steps of batch {batch_size}, client lr {client_lr:g}, server lr 1; FedAvg + FT: '
+           f'{finetune_steps} SGD steps of lr {client_lr:g}; Per-FedAvg: one step of '
+           f'α = {client_lr:g}. Personalized accuracy: each client\'s model on its own held-out '
+           f'examples; the worst decile is the mean of the lowest max(1, ⌊k/10⌋) clients. '
+           'Registry-default hyperparameters (see config.json), untuned. Seconds: the sweep '
+           'of all seeds, compilation included (FedAvg and FedAvg + FT share one sweep).')
+  return _report(run_dir, 'Personalization on label-skewed digits', notes, rows, seconds,
+                 labels, num_rounds, num_seeds)
+
+
+def _report(run_dir, title, notes, rows, seconds, labels, num_rounds, num_seeds) -> dict:
+  """summary.md, the two PNGs, and the headline numbers (means over seeds)."""
+  finals = {label: [r for r in rows if r['method'] == label and r['round'] == num_rounds]
+            for label in labels}
+  table = [[label, reporting.mean_std([r['test_accuracy'] for r in finals[label]]),
+            reporting.mean_std([r['personalized_accuracy_mean'] for r in finals[label]]),
+            reporting.mean_std([r['personalized_accuracy_median'] for r in finals[label]]),
+            reporting.mean_std([r['personalized_accuracy_worst_decile'] for r in finals[label]]),
+            f'{seconds[label]:.0f}'] for label in labels]
+  header = ['method', 'global test acc', 'personalized acc mean', 'median', 'worst decile',
+            's (sweep incl. compile)']
+  reporting.write_summary(run_dir, title, header, table, notes)
+  _plots(run_dir, rows, labels, finals, num_seeds, title)
+  return {'personalized_accuracy_mean': {l: float(np.mean(
+              [r['personalized_accuracy_mean'] for r in finals[l]])) for l in labels},
+          'personalized_accuracy_worst_decile': {l: float(np.mean(
+              [r['personalized_accuracy_worst_decile'] for r in finals[l]])) for l in labels},
+          'test_accuracy': {l: float(np.mean([r['test_accuracy'] for r in finals[l]]))
+                            for l in labels},
+          'seconds': seconds}
+
+
+def _run_methods(run_dir, model, data, config, base, methods, num_seeds, finetune_steps,
+                 batch_size, client_lr, progress):
+  """Runs `methods` (one seed sweep per algorithm and hyperparameters; FedAvg serves
+  both FedAvg rows); returns `(rows, seconds per method)` and appends the rows to
+  metrics.jsonl run by run."""
   runs: dict[tuple, list[Method]] = {}
-  for label in labels:
-    m = by_label[label]
+  for m in methods:
     runs.setdefault((m.algorithm, tuple(sorted(m.hyperparameters.items()))), []).append(m)
   rows, seconds = [], {}
   for (name, overrides), members in runs.items():
@@ -194,33 +236,9 @@ def run(run_dir: str, *, quick: bool = False, dataset: str | None = None,
                        'round': row['round'], 'test_accuracy': row['test_accuracy'],
                        'test_loss': row['test_loss'],
                        **{k: row[f'{source.label}/{names[k]}'] for k in STATISTICS}})
-  reporting.append_metrics(run_dir, rows)
-  finals = {label: [r for r in rows if r['method'] == label and r['round'] == num_rounds]
-            for label in labels}
-  table = [[label, reporting.mean_std([r['test_accuracy'] for r in finals[label]]),
-            reporting.mean_std([r['personalized_accuracy_mean'] for r in finals[label]]),
-            reporting.mean_std([r['personalized_accuracy_median'] for r in finals[label]]),
-            reporting.mean_std([r['personalized_accuracy_worst_decile'] for r in finals[label]]),
-            f'{seconds[label]:.0f}'] for label in labels]
-  header = ['method', 'global test acc', 'personalized acc mean', 'median', 'worst decile',
-            's (sweep incl. compile)']
-  notes = (f'{data.name}; mlp; {num_seeds} seeds (mean ± population std), round {num_rounds}; '
-           f'{clients_per_round} of {num_clients} clients per round, {local_steps} local SGD '
-           f'steps of batch {batch_size}, client lr {client_lr:g}, server lr 1; FedAvg + FT: '
-           f'{finetune_steps} SGD steps of lr {client_lr:g}; Per-FedAvg: one step of '
-           f'α = {client_lr:g}. Personalized accuracy: each client\'s model on its own held-out '
-           f'examples; the worst decile is the mean of the lowest max(1, ⌊k/10⌋) clients. '
-           'Registry-default hyperparameters (see config.json), untuned. Seconds: the sweep '
-           'of all seeds, compilation included (FedAvg and FedAvg + FT share one sweep).')
-  reporting.write_summary(run_dir, 'Personalization on label-skewed digits', header, table, notes)
-  _plots(run_dir, rows, labels, finals, num_seeds)
-  return {'personalized_accuracy_mean': {l: float(np.mean(
-              [r['personalized_accuracy_mean'] for r in finals[l]])) for l in labels},
-          'personalized_accuracy_worst_decile': {l: float(np.mean(
-              [r['personalized_accuracy_worst_decile'] for r in finals[l]])) for l in labels},
-          'test_accuracy': {l: float(np.mean([r['test_accuracy'] for r in finals[l]]))
-                            for l in labels},
-          'seconds': seconds}
+    reporting.append_metrics(run_dir, [r for r in rows if r['algorithm'] == name
+                                       and r['method'] in {m.label for m in members}])
+  return rows, seconds
 
 
 def _evaluator(method: Method, model, data, algorithm, finetune_steps: int, batch_size: int,
@@ -271,7 +289,7 @@ def _hook(method: Method, evaluator, seeds) -> Callable:
   return hook
 
 
-def _plots(run_dir, rows, labels, finals, num_seeds):
+def _plots(run_dir, rows, labels, finals, num_seeds, title):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -291,8 +309,7 @@ def _plots(run_dir, rows, labels, finals, num_seeds):
   ax.set_ylim(0, 1.2)
   ax.grid(axis='y', alpha=0.3)
   ax.legend(fontsize=8, loc='upper center', ncol=3)
-  ax.set_title(f'Label-skewed digits, final round (mean ± std over {num_seeds} seeds)',
-               fontsize=10)
+  ax.set_title(f'{title}, final round (mean ± std over {num_seeds} seeds)', fontsize=10)
   fig.tight_layout()
   fig.savefig(f'{run_dir}/personalization.png')
   plt.close(fig)
@@ -302,12 +319,89 @@ def _plots(run_dir, rows, labels, finals, num_seeds):
                        {k: (v[0], v[1]) for k, v in series.items()},
                        bands={k: v[2] for k, v in series.items()}, xlabel='round',
                        ylabel='personalized accuracy, mean over clients',
-                       title='Label-skewed digits (mean ± std over seeds)')
+                       title=f'{title} (mean ± std over seeds)')
+
+
+SHAKESPEARE_METHODS = ('fedavg', 'fedavg+ft', 'ditto', 'fedper')
+
+
+def shakespeare_subset(data, num_clients: int, max_train: int, max_test: int):
+  """The first `num_clients` roles with at least `max_train` training and `max_test`
+  held-out sequences, each cut to its first `max_train` / `max_test` of them (the
+  engine pays every client the step count of the largest, so equal sizes waste nothing)."""
+  held = np.bincount(data.test_client, minlength=data.num_clients)
+  chosen = np.flatnonzero((data.counts >= max_train) & (held >= max_test))[:num_clients]
+  if chosen.size < num_clients:
+    raise ValueError(f'only {chosen.size} Shakespeare roles have ≥ {max_train} training and '
+                     f'≥ {max_test} held-out sequences; valid: num_clients ≤ {chosen.size}')
+  train_rows = np.concatenate([np.arange(data.offsets[c], data.offsets[c] + max_train)
+                               for c in chosen])
+  test_rows = np.concatenate([np.flatnonzero(data.test_client == c)[:max_test] for c in chosen])
+  return fs.FederatedData(
+      train={k: v[train_rows] for k, v in data.train.items()},
+      offsets=np.arange(num_clients, dtype=np.int64) * max_train,
+      counts=np.full(num_clients, max_train, np.int64),
+      test={k: v[test_rows] for k, v in data.test.items()},
+      test_client=np.repeat(np.arange(num_clients, dtype=np.int32), max_test),
+      num_classes=data.num_classes,
+      name=f'Shakespeare, {num_clients} roles × {max_train} training / {max_test} held-out '
+           'sequences')
 
 
 def run_shakespeare(run_dir: str, *, quick: bool = False, seeds: int | None = None,
-                    data_dir: str | None = None, progress: bool = False) -> dict:
-  raise ValueError('the Shakespeare section is not available yet; valid: dataset=digits')
+                    data_dir: str | None = None, progress: bool = False,
+                    methods: Sequence[str] = SHAKESPEARE_METHODS, rounds: int | None = None,
+                    num_clients: int | None = None, hidden_size: int | None = None) -> dict:
+  """The reduced Shakespeare section (needs `fedjax-sync prepare shakespeare`).
+
+  A one-layer character LSTM (`char_lstm`, `hidden_size` units; McMahan et al.'s has
+  two of 256) on `num_clients` roles (default 64; quick 8), each cut to 32 training and
+  8 held-out sequences of 80 characters (quick 8 / 4), 10 roles per round (quick 4),
+  one local epoch of batch 4, client SGD lr 1 (Reddi et al. 2021's Shakespeare
+  setting), server lr 1; FedAvg + FT fine-tunes for one epoch (8 steps) of the same.
+  Methods: FedAvg, FedAvg + FT, Ditto, FedPer (the output Dense layer as the head).
+  Accuracy is per sequence (next-character accuracy without PAD and EOS, averaged over
+  a client's sequences), not FedJAX's token-weighted figure.
+  """
+  from fedjax_sync.data.shakespeare import shakespeare
+  from fedjax_sync.models import char_lstm
+
+  num_seeds = seeds or (2 if quick else 3)
+  num_rounds = rounds or (2 if quick else 20)
+  clients = num_clients or (8 if quick else 64)
+  max_train, max_test = (8, 4) if quick else (32, 8)
+  hidden = hidden_size or (16 if quick else 64)
+  per_round = min(4 if quick else 10, clients)
+  by_label = {m.label: m for m in METHODS}
+  unknown = [m for m in methods if m not in SHAKESPEARE_METHODS]
+  if unknown:
+    raise ValueError(f'unknown Shakespeare method(s) {unknown}; valid: '
+                     f'{", ".join(SHAKESPEARE_METHODS)}')
+  data = shakespeare_subset(shakespeare(cache_dir=data_dir), clients, max_train, max_test)
+  reporting.prepare_run_dir(run_dir)
+  model = char_lstm((data.train['x'].shape[1],), data.num_classes, hidden_sizes=(hidden,))
+  steps = max_train // 4
+  config = fs.SimulationConfig(num_rounds=num_rounds, clients_per_round=per_round,
+                               local_work=fs.LocalWork(batch_size=4, steps=steps),
+                               eval_every=max(1, num_rounds // 2), per_client_eval=False)
+  base = fs.Hyperparameters(client_learning_rate=1.0, server_learning_rate=1.0)
+  reporting.write_config(run_dir, {
+      'study': 'personalization', 'dataset': data.name, 'model': f'char_lstm ({hidden},)',
+      'rounds': num_rounds, 'eval_every': config.eval_every, 'clients_per_round': per_round,
+      'local_steps': steps, 'batch_size': 4, 'client_lr': 1.0, 'server_lr': 1.0,
+      'finetune_steps': steps, 'seeds': list(range(num_seeds)), 'methods': list(methods),
+      'ditto_lambda': base.ditto_lambda, 'quick': quick})
+  rows, seconds = _run_methods(run_dir, model, data, config, base,
+                               [by_label[m] for m in methods], num_seeds, steps, 4, 1.0,
+                               progress)
+  notes = (f'{data.name}; char_lstm with one LSTM layer of {hidden}; {num_seeds} seeds (mean ± '
+           f'population std), round {num_rounds}; {per_round} roles per round, one epoch '
+           f'({steps} steps) of batch 4, client SGD lr 1, server lr 1; FedAvg + FT: {steps} '
+           'SGD steps of lr 1; Ditto λ = 0.1; FedPer: the output layer is personal. Accuracy: '
+           'next-character accuracy (PAD and EOS excluded) averaged per sequence, then over '
+           "a role's held-out sequences.")
+  return _report(run_dir, 'Personalization on Shakespeare (reduced)', notes, rows, seconds,
+                 list(methods), num_rounds, num_seeds)
 
 
 if __name__ == '__main__':

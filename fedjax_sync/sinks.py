@@ -240,6 +240,8 @@ class BlockClock:
   `after_block(rounds, compile_seconds, remaining)` is called when a block of
   `rounds` rounds finished, with the driver's total compilation time so far; it
   returns the bar's rate text. The first block (which compiles) starts the clock.
+  A ticking bar (`simulate.driver.tick_unit`) calls it at every tick with the units
+  since the last one: its first tick, after compilation, starts the clock.
   """
 
   def __init__(self, clock=time.perf_counter):

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fedjax_sync import communication
 from fedjax_sync.data.batching import DeviceData, to_device
 from fedjax_sync.data.federated import FederatedData
-from fedjax_sync.simulate.driver import drive, fresh_buffers
+from fedjax_sync.simulate.driver import drive, fresh_buffers, tick_unit
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.rounds import SimulationResult
 from fedjax_sync.types import Params
@@ -81,21 +81,25 @@ class AveragingResult(NamedTuple):
   run_seconds: float
 
 
-def make_block(algorithm: AveragingAlgorithm, batch_size: int) -> Callable:
+def make_block(algorithm: AveragingAlgorithm, batch_size: int, ticks: bool = False) -> Callable:
   """`block(state, start, run_key, device_data, worker_clients, length)` → (state,
   stacked per-step metrics) for steps `start .. start + length − 1` (jitted; `length`
-  static).
+  static). With `ticks`, `block(..., length, every)` also reports every `every`-th
+  step to `drive`'s progress bar (`driver.tick_unit`).
 
   Step t uses key `fold_in(run_key, t)` (split into a batch key and a training
   key), so results depend only on the seed and the step index. The data, the
   key and Θ (in the state) are arguments, so one compiled block serves every seed
   and threshold of a grid.
   """
-  def block(state, start, run_key, device_data, worker_clients, length):
+  def block(state, start, run_key, device_data, worker_clients, length, *every):
     def body(state, t):
       batch_key, train_key = jax.random.split(jax.random.fold_in(run_key, t))
       batch, mask = sample_worker_batches(batch_key, device_data, worker_clients, batch_size)
-      return algorithm.step(state, batch, mask, train_key)
+      state, metrics = algorithm.step(state, batch, mask, train_key)
+      if ticks:
+        state = tick_unit(t - start + 1, state, *every)
+      return state, metrics
     return jax.lax.scan(body, state, start + jnp.arange(length))
 
   return jax.jit(block, static_argnums=5)
@@ -138,6 +142,7 @@ class AveragingSimulator:
 
   unit = 'step'
   members = None
+  unit_ticks = True
 
   def __init__(self, algorithm: AveragingAlgorithm, model, data: FederatedData, *,
                num_steps: int, batch_size: int = 32, eval_every: int = 50, seed: int = 0,
@@ -194,23 +199,34 @@ class AveragingSimulator:
     return (state, jnp.asarray(start, jnp.int32), self._run_key, self._device_data,
             self._workers)
 
-  def _key(self, state, length):
+  def _key(self, state, length, ticks: bool = False):
     return ('compiled', self.algorithm, self.batch_size, length,
-            _signature(self._args(state, 0)))
+            _signature(self._args(state, 0))) + (('ticks',) if ticks else ())
 
-  def is_compiled(self, state: AveragingState, length: int) -> bool:
-    return self._key(state, length) in _COMPILED
+  def is_compiled(self, state: AveragingState, length: int, ticks: bool = False) -> bool:
+    return self._key(state, length, ticks) in _COMPILED
 
-  def compile(self, state: AveragingState, length: int) -> None:
-    key = self._key(state, length)
+  def compile(self, state: AveragingState, length: int, ticks: bool = False) -> None:
+    key = self._key(state, length, ticks)
     if key not in _COMPILED:
-      _COMPILED[key] = (self._jitted.lower(*self._args(state, 0), length).compile(), self.data)
+      if ticks:
+        block_key = ('block', self.algorithm, self.batch_size, 'ticks')
+        if block_key not in _COMPILED:
+          _COMPILED[block_key] = make_block(self.algorithm, self.batch_size, ticks=True)
+        program = _COMPILED[block_key].lower(*self._args(state, 0), length,
+                                             jnp.zeros((), jnp.int32))
+      else:
+        program = self._jitted.lower(*self._args(state, 0), length)
+      _COMPILED[key] = (program.compile(), self.data)
 
-  def run_units(self, state: AveragingState, start: int, length: int):
-    key = self._key(state, length)
+  def run_units(self, state: AveragingState, start: int, length: int, ticks: int = 0):
+    """Steps `start .. start + length − 1`; `ticks=k`: the program that reports every
+    k-th step to `drive`'s progress bar."""
+    key = self._key(state, length, bool(ticks))
     if key not in _COMPILED:
-      self.compile(state, length)
-    state, stacked = _COMPILED[key][0](*self._args(state, start))
+      self.compile(state, length, bool(ticks))
+    every = (jnp.asarray(ticks, jnp.int32),) if ticks else ()
+    state, stacked = _COMPILED[key][0](*self._args(state, start), *every)
     stacked = dict(stacked)
     stacked['train_loss'] = stacked.pop('loss')
     # Cumulative synchronizations after each step of the block.

@@ -186,10 +186,6 @@ class MultiHost:
   With one process it runs as the plain runner with a mesh.
   """
 
-  # Every process must run the same program, and only process 0 shows the bar: the
-  # bar advances per block (no per-unit callback program, `driver.tick_unit`).
-  unit_ticks = False
-
   # Every process must run the same compiled programs; only process 0 shows a
   # progress bar, so the bar advances per block, never from a ticking program.
   unit_ticks = False

@@ -23,7 +23,7 @@ from fedjax_sync.data.federated import FederatedData
 # Moved to the one driver; these names stay importable from here.
 from fedjax_sync.simulate.driver import (DIVERGENCE_METRICS, block_schedule, check_alive,  # noqa: F401
                                          distinct_buffers, drive, first_nonfinite,
-                                         fresh_buffers, warn_nonfinite)
+                                         fresh_buffers, tick_unit, warn_nonfinite)
 from fedjax_sync.simulate.availability import AvailabilityTrace, is_online
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
@@ -201,26 +201,30 @@ class Simulator:
                                               jnp.zeros_like(batch.weight)))
     return pad_clients(batch, self.execution.num_shards), algorithm_key, metrics
 
-  def _block(self, state: ServerState, length: int) -> Callable:
-    """The compiled program of `length` consecutive rounds (compiled once per length)."""
-    if length not in self._blocks:
+  def _block(self, state: ServerState, length: int, ticks: bool = False) -> Callable:
+    """The compiled program of `length` consecutive rounds (compiled once per length;
+    with `ticks`, a second program reporting each round to the progress bar)."""
+    cache = (length, 'ticks') if ticks else length
+    if cache not in self._blocks:
       check_population(self.algorithm, self.data.num_clients, state.client_states)
-      def run_block(state, start):
+      def run_block(state, start, *every):
         def body(s, r):
           batch, key, sampling = self.sample_round_with_metrics(r)
           s, metrics = self.algorithm.round(s, batch, key)
+          if ticks:
+            s = tick_unit(r - start + 1, s, *every)
           return s, ({**metrics, **sampling} if sampling else metrics)
         return jax.lax.scan(body, state, start + jnp.arange(length))
       # With a mesh, outputs (state, per-client metrics) come back replicated, so every
       # process of a multi-host run can read them.
       mesh = self.execution.mesh
       replicated = NamedSharding(mesh, P()) if mesh is not None else None
-      self._blocks[length] = jax.jit(run_block, donate_argnums=0,
-                                     out_shardings=replicated).lower(
-          state, jnp.zeros((), jnp.int32)).compile()
-    return self._blocks[length]
+      self._blocks[cache] = jax.jit(run_block, donate_argnums=0,
+                                    out_shardings=replicated).lower(
+          state, *[jnp.zeros((), jnp.int32)] * (2 if ticks else 1)).compile()
+    return self._blocks[cache]
 
-  def run_rounds(self, state: ServerState, start: int, length: int):
+  def run_rounds(self, state: ServerState, start: int, length: int, ticks: int = 0):
     """Runs rounds `start .. start + length − 1` as one compiled program.
 
     The input state's buffers are donated: do not use `state` afterwards (a leaf
@@ -247,9 +251,9 @@ class Simulator:
       run_dir: if given, `metrics.jsonl` is appended there, one JSON line per round
         (NaN/Inf as null, counted in `nonfinite_metrics`); a file that already holds
         a round after `start_round` is refused (ValueError), never appended twice.
-      progress: show a progress bar: it advances by a block's rounds when the block
-        finishes; its rate and time left count from the end of the first
-        (compiling) block and leave out later compilations (`sinks.round_rate`).
+      progress: show a progress bar that advances while a block runs, about 4 times a
+        second (a host callback every k-th round; `driver.drive` explains 'unit' and
+        'block'); its rate and time left leave out compilation (`sinks.round_rate`).
       tensorboard: also write every round's scalars (loss, accuracy, participation,
         bytes, `aggregator/...`) as TensorBoard events into `run_dir`
         (`sinks.TensorBoardWriter`, no TensorFlow needed); requires `run_dir`.
@@ -274,6 +278,7 @@ class Simulator:
   # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
   unit = 'round'
   members = None
+  unit_ticks = True
 
   @property
   def num_units(self) -> int:
@@ -283,14 +288,14 @@ class Simulator:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, state, length: int) -> bool:
-    return length in self._blocks
+  def is_compiled(self, state, length: int, ticks: bool = False) -> bool:
+    return ((length, 'ticks') if ticks else length) in self._blocks
 
-  def compile(self, state: ServerState, length: int) -> None:
-    self._block(state, length)
+  def compile(self, state: ServerState, length: int, ticks: bool = False) -> None:
+    self._block(state, length, ticks)
 
-  def run_units(self, state: ServerState, start: int, length: int):
-    return self.run_rounds(state, start, length)
+  def run_units(self, state: ServerState, start: int, length: int, ticks: int = 0):
+    return self.run_rounds(state, start, length, ticks)
 
   def evaluate_state(self, state: ServerState) -> dict[str, Any]:
     return self.evaluate(state.params, state.client_states)

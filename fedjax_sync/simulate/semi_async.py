@@ -56,7 +56,7 @@ from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.clock import ClientClock, job_available, job_start_times, job_times
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_asynchronous, check_population
-from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers
+from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers, tick_unit
 from fedjax_sync.types import ClientBatch, Params, PyTree, ServerState
 
 RESTARTS = ('new_model', 'current_model')
@@ -367,19 +367,28 @@ class SemiAsyncSimulator:
     # Fresh buffers: equal constants may share one, and the blocks donate the state.
     return jax.tree.map(jnp.copy, jax.jit(self._init)(params))
 
-  def _block(self, state: AsyncState, length: int) -> Callable:
-    if length not in self._blocks:
+  def _block(self, state: AsyncState, length: int, ticks: bool = False) -> Callable:
+    cache = (length, 'ticks') if ticks else length
+    if cache not in self._blocks:
       check_population(self.algorithm, self.data.num_clients, state.server.client_states)
-      def run_block(s):
-        return jax.lax.scan(lambda c, _: self._step(c), s, None, length=length)
-      self._blocks[length] = jax.jit(run_block, donate_argnums=0).lower(state).compile()
-    return self._blocks[length]
+      def run_block(s, *every):
+        if not ticks:
+          return jax.lax.scan(lambda c, _: self._step(c), s, None, length=length)
+        def body(c, i):
+          c, metrics = self._step(c)
+          return tick_unit(i + 1, c, *every), metrics
+        return jax.lax.scan(body, s, jnp.arange(length))
+      self._blocks[cache] = jax.jit(run_block, donate_argnums=0).lower(
+          state, *([jnp.zeros((), jnp.int32)] if ticks else [])).compile()
+    return self._blocks[cache]
 
-  def run_aggregations(self, state: AsyncState, length: int):
+  def run_aggregations(self, state: AsyncState, length: int, ticks: int = 0):
     """Runs `length` aggregations as one compiled program (donates `state`; a leaf
-    repeated in `state` is copied first)."""
+    repeated in `state` is copied first). `ticks=k`: the program that reports every
+    k-th aggregation to `drive`'s progress bar (`driver.tick_unit`)."""
     state = distinct_buffers(state)
-    return self._block(state, length)(state)
+    every = (jnp.asarray(ticks, jnp.int32),) if ticks else ()
+    return self._block(state, length, bool(ticks))(state, *every)
 
   def evaluate(self, params: Params) -> dict[str, Any]:
     return jax.device_get(self._evaluate(params))
@@ -414,6 +423,7 @@ class SemiAsyncSimulator:
   # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
   unit = 'aggregation'
   members = None
+  unit_ticks = True
 
   @property
   def num_units(self) -> int:
@@ -423,15 +433,15 @@ class SemiAsyncSimulator:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, state, length: int) -> bool:
-    return length in self._blocks
+  def is_compiled(self, state, length: int, ticks: bool = False) -> bool:
+    return ((length, 'ticks') if ticks else length) in self._blocks
 
-  def compile(self, state: AsyncState, length: int) -> None:
-    self._block(state, length)
+  def compile(self, state: AsyncState, length: int, ticks: bool = False) -> None:
+    self._block(state, length, ticks)
 
-  def run_units(self, state: AsyncState, start: int, length: int):
+  def run_units(self, state: AsyncState, start: int, length: int, ticks: int = 0):
     del start   # the version counter in the state is the position
-    return self.run_aggregations(state, length)
+    return self.run_aggregations(state, length, ticks)
 
   def evaluate_state(self, state: AsyncState) -> dict[str, Any]:
     return self.evaluate(state.server.params)

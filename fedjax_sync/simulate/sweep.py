@@ -44,7 +44,7 @@ from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
 from fedjax_sync.simulate.clock import ClientClock
-from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers
+from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers, tick_unit
 from fedjax_sync.simulate.population import check_asynchronous
 from fedjax_sync.simulate.rounds import SimulationConfig, draw_participants
 from fedjax_sync.simulate.semi_async import AsyncConfig, make_async_engine
@@ -232,30 +232,44 @@ class Sweep:
     check_population(algorithm, self.data.num_clients, state.client_states)
     return state
 
-  def _member_block(self, state, run_key, hypers, start, length: int):
-    """`length` units of one member from unit `start`, as one `lax.scan`."""
+  def _member_block(self, state, run_key, hypers, start, length: int, every=None):
+    """`length` units of one member from unit `start`, as one `lax.scan`; with
+    `every` (unbatched), every `every`-th unit reports to the progress bar
+    (`driver.tick_unit`: once per unit for the whole sweep, not per member)."""
     if self.asynchronous:
       step = self._engine(hypers, run_key)[1]
-      return jax.lax.scan(lambda c, _: step(c), state, None, length=length)
+      if every is None:
+        return jax.lax.scan(lambda c, _: step(c), state, None, length=length)
+
+      def ticking(c, i):
+        c, metrics = step(c)
+        return tick_unit(i + 1, c, every), metrics
+
+      return jax.lax.scan(ticking, state, jnp.arange(length))
     algorithm = self.build(hypers)
     check_synchronous(algorithm, 'Sweep')
     check_population(algorithm, self.data.num_clients, state.client_states)
 
     def body(s, r):
       batch, key = self._sample_round(run_key, r)
-      return algorithm.round(s, batch, key)
+      s, metrics = algorithm.round(s, batch, key)
+      if every is not None:
+        s = tick_unit(r - start + 1, s, every)
+      return s, metrics
 
     return jax.lax.scan(body, state, start + jnp.arange(length))
 
-  def _block(self, states, length: int) -> Callable:
-    if length not in self._blocks:
-      def one(state, run_key, hypers, start):
-        return self._member_block(state, run_key, hypers, start, length)
-      block = jax.vmap(one, in_axes=(0, 0, 0, None))
+  def _block(self, states, length: int, ticks: bool = False) -> Callable:
+    cache = (length, 'ticks') if ticks else length
+    if cache not in self._blocks:
+      def one(state, run_key, hypers, start, *every):
+        return self._member_block(state, run_key, hypers, start, length, *every)
+      block = jax.vmap(one, in_axes=(0, 0, 0, None) + ((None,) if ticks else ()))
       with self._traceable_hyperparameters():
-        self._blocks[length] = jax.jit(block, donate_argnums=0).lower(
-            states, self._run_keys, self._hypers, jnp.zeros((), jnp.int32)).compile()
-    return self._blocks[length]
+        self._blocks[cache] = jax.jit(block, donate_argnums=0).lower(
+            states, self._run_keys, self._hypers,
+            *[jnp.zeros((), jnp.int32)] * (2 if ticks else 1)).compile()
+    return self._blocks[cache]
 
   @contextlib.contextmanager
   def _traceable_hyperparameters(self):
@@ -299,15 +313,17 @@ class Sweep:
         culprits.append(name)
     return culprits
 
-  def run_rounds(self, states: ServerState, start: int, length: int):
+  def run_rounds(self, states: ServerState, start: int, length: int, ticks: int = 0):
     """Rounds `start .. start + length − 1` of every simulation, as one program.
 
     Returns `(states [S, ...], metrics {name: [S, length, ...]})`; `states` is donated
-    (a leaf repeated in `states` is copied first).
+    (a leaf repeated in `states` is copied first). `ticks=k`: the program that
+    reports every k-th unit to `drive`'s progress bar.
     """
     states = distinct_buffers(states)
-    return self._block(states, length)(states, self._run_keys, self._hypers,
-                                       jnp.asarray(start, jnp.int32))
+    every = (jnp.asarray(ticks, jnp.int32),) if ticks else ()
+    return self._block(states, length, bool(ticks))(states, self._run_keys, self._hypers,
+                                                    jnp.asarray(start, jnp.int32), *every)
 
   def evaluate(self, states: ServerState) -> dict[str, np.ndarray]:
     """Evaluation metrics of every simulation, stacked `[S, ...]`."""
@@ -367,14 +383,16 @@ class Sweep:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, states, length: int) -> bool:
-    return length in self._blocks
+  unit_ticks = True
 
-  def compile(self, states, length: int) -> None:
-    self._block(states, length)
+  def is_compiled(self, states, length: int, ticks: bool = False) -> bool:
+    return ((length, 'ticks') if ticks else length) in self._blocks
 
-  def run_units(self, states, start: int, length: int):
-    return self.run_rounds(states, start, length)
+  def compile(self, states, length: int, ticks: bool = False) -> None:
+    self._block(states, length, ticks)
+
+  def run_units(self, states, start: int, length: int, ticks: int = 0):
+    return self.run_rounds(states, start, length, ticks)
 
   def evaluate_state(self, states) -> dict[str, Any]:
     return self.evaluate(states)

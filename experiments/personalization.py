@@ -22,8 +22,8 @@ the held-out examples (for IFCA: the cluster model with the most example weight)
 Setting: scikit-learn's 8×8 digits split into 20 clients × 2 label shards (each client
 holds about two digits), the `mlp` model, 10 clients per round, 10 local steps of
 batch 16, client SGD lr 0.05, server lr 1. Hyperparameters are the registry's
-defaults except where a paper gives one that fits (listed in config.json); none were
-tuned. The seeds of one method run as ONE compiled program (`fedjax_sync.simulate.
+defaults except Per-FedAvg's α, set to the client lr (all listed in config.json); none
+were tuned. The seeds of one method run as ONE compiled program (`fedjax_sync.simulate.
 Sweep`, vmapped over seeds); the personalization evaluation is a driver evaluation hook
 vmapped over the sweep's members. The partition is fixed (partition seed 0); the seeds
 vary the initial model, the client samples and the batch shuffles.

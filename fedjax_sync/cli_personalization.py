@@ -3,10 +3,12 @@
 At every evaluation the global model is fine-tuned for K local SGD steps on each
 client's training examples and evaluated on that client's held-out examples
 (`fedjax_sync.simulate.personalization`); rows gain `personalized_accuracy_mean`,
-`_median`, `_worst_decile`, `personalized_loss_mean` and the same statistics of the
-global model (`client_*`). Algorithms with personal models (Ditto, FedPer, FedRep,
-APFL, FedBN, ...) start each client from its own model (`Algorithm.personalize`);
-K = 0 evaluates those personal models as they are. Datasets without per-client
+`_var`, `_median`, `_worst_decile`, `personalized_loss_mean` and the same statistics
+of the global model (`client_*`). Algorithms with personal models (Ditto, FedPer,
+FedRep, APFL, FedBN, ...) start each client from its own model
+(`Algorithm.personalize`); K = 0 evaluates those personal models as they are.
+Naming: `test_*` and `client_*` always describe the global model, `personalized_*`
+the personal or fine-tuned ones. Datasets without per-client
 held-out examples need `--personalize-holdout F` (the last fraction F of each
 client's training examples is held out; the held-out examples then form the test
 set). The hook works on every timeline: it reads the model each runner evaluates.
@@ -71,10 +73,11 @@ def evaluation_hooks(args, runner, model, data, learning_rate: float,
       batch_size=args.batch_size, personalize=personalize)
   key = jax.random.fold_in(jax.random.key(args.seed), 0x9E5)   # no key the rounds use
 
-  # A synchronous run's own evaluation already reports `client_*` per client (with
-  # `Algorithm.personalize`, of the personal models): the hook adds only its
-  # `personalized_*` figures there, never overwriting them.
-  own = set(getattr(runner, 'evaluation_names', ()))
+  # A synchronous run's own evaluation already reports the global model's `client_*`
+  # per client (the same figures): the hook leaves those as they are. Its
+  # `personalized_*` figures (fine-tuned for K steps) replace the evaluation's own
+  # `personalized_accuracy_*` of an algorithm with personal models (K = 0 there).
+  own = {k for k in getattr(runner, 'evaluation_names', ()) if not k.startswith('personalized_')}
 
   def hook(state, units_done):
     params, client_states = runner.evaluated_model(state)

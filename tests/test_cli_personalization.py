@@ -16,6 +16,10 @@ def test_personalization_is_reported_at_every_evaluation_of_a_synchronous_run(tm
     assert 0.0 <= row['personalized_accuracy_worst_decile'] <= row[
         'personalized_accuracy_median'] <= 1.0
     assert 0.0 <= row['personalized_accuracy_mean'] <= 1.0
+    # Issue 16's naming: client_* is Ditto's global model, personalized_* its personal
+    # models fine-tuned for K steps, each with every statistic.
+    for prefix in ('client_accuracy', 'personalized_accuracy'):
+      assert {f'{prefix}_{s}' for s in ('mean', 'var', 'median', 'worst_decile')} <= set(row)
 
 
 def test_zero_steps_on_an_async_run_evaluate_the_global_model_per_client(tmp_path):

@@ -131,16 +131,28 @@ def test_per_client_evaluation_uses_each_clients_own_layers():
   for c, e in enumerate(examples):
     part = jax.tree.map(lambda s: s[c], state.client_states)
     want = float(np.mean(own(state.params, part, e)))
-    np.testing.assert_allclose(personal['client_accuracy'][c], want, rtol=1e-6)
-  assert np.abs(personal['client_accuracy'] - shared_only['client_accuracy']).max() > 0
+    np.testing.assert_allclose(personal['personalized_accuracy'][c], want, rtol=1e-6)
+  assert np.abs(personal['personalized_accuracy'] - shared_only['client_accuracy']).max() > 0
   assert personal['test_accuracy'] == shared_only['test_accuracy']   # global test: server params
+  # Issue 16's naming: client_accuracy* describe the global params, personal models
+  # carry the personalized_ prefix (with every statistic); without client states
+  # there is no personal model to report.
+  np.testing.assert_array_equal(personal['client_accuracy'], shared_only['client_accuracy'])
+  assert personal['personalized_accuracy_mean'] == pytest.approx(
+      np.mean(personal['personalized_accuracy']))
+  assert personal['personalized_accuracy_var'] == pytest.approx(
+      np.var(personal['personalized_accuracy']), abs=1e-6)
+  assert not any(k.startswith('personalized_') for k in shared_only)
   # The Simulator evaluates FedBN's clients the same way (Algorithm.personalize).
   algorithm = fed_bn(model.loss, optax.sgd(LEARNING_RATE), num_clients=NUM_CLIENTS)
   config = fs.SimulationConfig(num_rounds=1, clients_per_round=NUM_CLIENTS,
                                local_work=fs.LocalWork(batch_size=4, steps=3))
-  simulated = fs.Simulator(algorithm, model, data, config).evaluate(state.params,
-                                                                    state.client_states)
+  sim = fs.Simulator(algorithm, model, data, config)
+  simulated = sim.evaluate(state.params, state.client_states)
+  np.testing.assert_allclose(simulated['personalized_accuracy'], personal['personalized_accuracy'])
   np.testing.assert_allclose(simulated['client_accuracy'], personal['client_accuracy'])
+  scalars = {k for k, v in simulated.items() if np.ndim(v) == 0}
+  assert scalars == set(sim.evaluation_names)
 
 
 def test_registry_and_errors():

@@ -99,7 +99,7 @@ def test_fine_tuning_matches_numpy_for_every_client(steps):
   np.testing.assert_allclose(out['personalized_loss_mean'], np.mean(losses), rtol=1e-4)
   np.testing.assert_allclose(out['client_accuracy_mean'], np.mean(global_accuracies), atol=1e-6)
   if steps == 0:   # K = 0: the global model's own per-client accuracy, every statistic
-    for stat in ('mean', 'median', 'worst_decile'):
+    for stat in ('mean', 'var', 'median', 'worst_decile'):
       assert out[f'personalized_accuracy_{stat}'] == out[f'client_accuracy_{stat}']
     assert out['personalized_loss_mean'] == out['client_loss_mean']
   else:   # the skewed clients gain from fine-tuning (else the oracle comparison is vacuous)
@@ -111,7 +111,8 @@ def test_global_statistics_agree_with_make_evaluator():
   ours = personalized_evaluator(MODEL, data, steps=0, learning_rate=0.1, batch_size=4)(
       _params(), jax.random.key(0))
   theirs = make_evaluator(MODEL.evaluate, data)(_params())
-  for name in ('client_accuracy_mean', 'client_accuracy_median', 'client_accuracy_worst_decile'):
+  for name in ('client_accuracy_mean', 'client_accuracy_var', 'client_accuracy_median',
+               'client_accuracy_worst_decile'):
     np.testing.assert_allclose(ours[name], theirs[name], atol=1e-6)
   np.testing.assert_allclose(ours['client_accuracy'], theirs['client_accuracy'], atol=1e-6)
 
@@ -123,6 +124,7 @@ def test_accuracy_distribution_of_a_known_population():
   np.testing.assert_allclose(stats['x_mean'], np.mean(np.arange(20) / 20.0), atol=1e-7)
   np.testing.assert_allclose(stats['x_median'], 9.5 / 20.0, atol=1e-7)
   np.testing.assert_allclose(stats['x_worst_decile'], (0.0 + 0.05) / 2, atol=1e-7)  # 2 of 20
+  np.testing.assert_allclose(stats['x_var'], np.var(np.arange(20) / 20.0), atol=1e-7)
   few = jax.device_get(accuracy_distribution(jnp.asarray([0.9, 0.3, 0.6]),
                                              jnp.ones(3, bool), 'y'))
   np.testing.assert_allclose(few['y_worst_decile'], 0.3, atol=1e-7)   # at least one client

@@ -1,4 +1,9 @@
-"""Evaluation of the global model: global test metrics and per-client accuracy.
+"""Evaluation: global test metrics, per-client accuracy, and personal models' accuracy.
+
+Naming (issue 16): `test_*` and `client_accuracy*` always describe the global model;
+the accuracy of personal models (an algorithm's `personalize`: FedBN, Ditto, FedPer,
+FedRep, APFL, ...) carries the `personalized_` prefix, as in
+`simulate.personalization`.
 
 Runs compiled on the device over flat example arrays in fixed-size chunks; per-client
 accuracy is a `segment_sum` of per-example correctness by owner, so no padded
@@ -33,11 +38,16 @@ def make_evaluator(evaluate_fn: Callable, data: FederatedData, *, chunk_size: in
   """Builds `evaluate(params, client_states=()) -> dict` (jitted).
 
   Returns `test_loss`, `test_accuracy` on the global test set and, with
-  `per_client`, `client_accuracy` `[N]` on each client's own test split (or on its
-  training data when the dataset has no per-client test split),
-  `client_accuracy_mean`, `client_accuracy_var`, `client_accuracy_median` (across
-  clients with data) and
-  `client_accuracy_worst_decile` (mean accuracy of the worst 10% of clients).
+  `per_client`, `client_accuracy` `[N]` of the global params on each client's own
+  test split (or on its training data when the dataset has no per-client test
+  split), `client_accuracy_mean`, `client_accuracy_var`, `client_accuracy_median`
+  (across clients with data) and `client_accuracy_worst_decile` (mean accuracy of
+  the worst 10% of clients). With `personalize` and `client_states`, the same five
+  for each client's personal model: `personalized_accuracy` `[N]`,
+  `personalized_accuracy_mean`, `_var`, `_median`, `_worst_decile`; the
+  `client_accuracy*` figures still describe the global params (a second pass over
+  the clients' examples, batched like the global test set: cheap next to the
+  personal pass, which evaluates example by example).
 
   Args:
     evaluate_fn: `(params, batch) -> (loss [B], correct [B])`, e.g. `Model.evaluate`.
@@ -47,8 +57,9 @@ def make_evaluator(evaluate_fn: Callable, data: FederatedData, *, chunk_size: in
     personalize: `(params, client_state) -> params` one client evaluates with (FedBN:
       the shared layers and the client's own batch-norm layers,
       `algorithms.fed_bn.personalized_params`); given with `client_states` (leaves
-      `[N, ...]`, `ServerState.client_states`), per-client accuracy uses each
-      client's own params, example by example. The global test set uses `params`.
+      `[N, ...]`, `ServerState.client_states`), `personalized_accuracy*` use each
+      client's own params, example by example. The global test set and
+      `client_accuracy*` use `params`.
   """
   num_clients = data.num_clients
   test_owner = np.zeros(len(next(iter(data.test.values()))), np.int32)
@@ -87,19 +98,24 @@ def make_evaluator(evaluate_fn: Callable, data: FederatedData, *, chunk_size: in
     count = jnp.sum(test[2])
     out = {'test_loss': jnp.sum(loss) / count, 'test_accuracy': jnp.sum(correct) / count}
     if per_client:
-      _, correct_c, own = sums(params, *client_eval,
-                               client_states if personalize is not None else ())
-      per = jax.ops.segment_sum(correct_c, own, num_segments=num_clients)
-      has = client_sizes > 0
-      acc = jnp.where(has, per / jnp.maximum(client_sizes, 1), jnp.nan)
-      k = jnp.sum(has)
-      mean = jnp.nansum(acc) / k
-      var = jnp.nansum(jnp.where(has, (acc - mean) ** 2, 0.0)) / k
-      sorted_acc = jnp.sort(jnp.where(has, acc, jnp.inf))
-      decile = jnp.maximum(1, jnp.floor(k / 10)).astype(jnp.int32)
-      worst = jnp.sum(jnp.where(jnp.arange(num_clients) < decile, sorted_acc, 0.0)) / decile
-      out.update(client_accuracy=acc, client_accuracy_mean=mean, client_accuracy_var=var,
-                 client_accuracy_median=jnp.nanmedian(acc), client_accuracy_worst_decile=worst)
+      out.update(per_client_accuracy(sums(params, *client_eval), 'client_accuracy'))
+      if personalize is not None and jax.tree.leaves(client_states):
+        out.update(per_client_accuracy(sums(params, *client_eval, client_states),
+                                       'personalized_accuracy'))
     return out
+
+  def per_client_accuracy(example_sums, prefix):
+    _, correct_c, own = example_sums
+    per = jax.ops.segment_sum(correct_c, own, num_segments=num_clients)
+    has = client_sizes > 0
+    acc = jnp.where(has, per / jnp.maximum(client_sizes, 1), jnp.nan)
+    k = jnp.sum(has)
+    mean = jnp.nansum(acc) / k
+    var = jnp.nansum(jnp.where(has, (acc - mean) ** 2, 0.0)) / k
+    sorted_acc = jnp.sort(jnp.where(has, acc, jnp.inf))
+    decile = jnp.maximum(1, jnp.floor(k / 10)).astype(jnp.int32)
+    worst = jnp.sum(jnp.where(jnp.arange(num_clients) < decile, sorted_acc, 0.0)) / decile
+    return {prefix: acc, f'{prefix}_mean': mean, f'{prefix}_var': var,
+            f'{prefix}_median': jnp.nanmedian(acc), f'{prefix}_worst_decile': worst}
 
   return evaluate

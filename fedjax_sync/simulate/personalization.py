@@ -64,8 +64,9 @@ def hold_out_client_test(data: FederatedData, fraction: float) -> FederatedData:
 
 
 def accuracy_distribution(values: jax.Array, present: jax.Array, prefix: str) -> dict:
-  """`{prefix_mean, prefix_median, prefix_worst_decile}` of `values [N]` over the
-  clients where `present [N]` is True.
+  """`{prefix_mean, prefix_var, prefix_median, prefix_worst_decile}` of `values [N]`
+  over the clients where `present [N]` is True (the variance over those k clients,
+  divided by k, as `make_evaluator`'s `client_accuracy_var`).
 
   The worst decile is the mean of the lowest `max(1, floor(k / 10))` values of the k
   present clients (as `make_evaluator`'s `client_accuracy_worst_decile`).
@@ -77,7 +78,9 @@ def accuracy_distribution(values: jax.Array, present: jax.Array, prefix: str) ->
   decile = jnp.maximum(1, jnp.floor(k / 10)).astype(jnp.int32)
   lowest = jnp.sort(jnp.where(present, values, jnp.inf))
   worst = jnp.sum(jnp.where(jnp.arange(values.shape[0]) < decile, lowest, 0.0)) / decile
-  return {f'{prefix}_mean': mean, f'{prefix}_median': median, f'{prefix}_worst_decile': worst}
+  var = jnp.nansum(jnp.where(present, (values - mean) ** 2, 0.0)) / jnp.maximum(k, 1)
+  return {f'{prefix}_mean': mean, f'{prefix}_var': var, f'{prefix}_median': median,
+          f'{prefix}_worst_decile': worst}
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -125,8 +128,9 @@ def personalized_evaluator(model: Any, data: FederatedData, *, steps: int,
     `evaluate(params, key, client_states=())` returning, over the clients with
     held-out examples:
       `personalized_accuracy` `[N]` (NaN for a client without held-out examples),
-      `personalized_accuracy_mean`, `_median`, `_worst_decile`, `personalized_loss_mean`
-      (fine-tuned models); `client_accuracy` `[N]`, `client_accuracy_mean`, `_median`,
+      `personalized_accuracy_mean`, `_var`, `_median`, `_worst_decile`,
+      `personalized_loss_mean` (fine-tuned models); `client_accuracy` `[N]`,
+      `client_accuracy_mean`, `_var`, `_median`,
       `_worst_decile`, `client_loss_mean` (the global `params`, not fine-tuned, not
       personalized); `num_evaluated_clients`. Means are over clients (each client
       counts once); a client's loss and accuracy are means over its examples.

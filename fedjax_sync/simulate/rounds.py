@@ -228,14 +228,19 @@ class Simulator:
     """Runs rounds `start .. start + length − 1` as one compiled program.
 
     The input state's buffers are donated: do not use `state` afterwards (a leaf
-    repeated in `state` is copied first, so any state can be donated).
+    repeated in `state` is copied first, so any state can be donated). `ticks=k`:
+    the program that reports every k-th round to `drive`'s progress bar
+    (`driver.tick_unit`).
     """
     state = distinct_buffers(state)
-    return self._block(state, length)(state, jnp.asarray(start, jnp.int32))
+    every = (jnp.asarray(ticks, jnp.int32),) if ticks else ()
+    return self._block(state, length, bool(ticks))(state, jnp.asarray(start, jnp.int32), *every)
 
   def evaluate(self, params: Params, client_states=()) -> dict[str, Any]:
-    """Evaluation metrics; per-client accuracy uses `Algorithm.personalize` on
-    `client_states` (FedBN: each client's own batch-norm layers) when both are given."""
+    """Evaluation metrics of the global params (`test_*`, `client_accuracy*`) and, when
+    the algorithm has `Algorithm.personalize` and `client_states` are given, of each
+    client's personal model (`personalized_accuracy*`; FedBN: its own batch-norm
+    layers, Ditto: v_k, FedPer/FedRep: its own head)."""
     return jax.device_get(self._evaluate(params, client_states))
 
   def run(self, state: ServerState, *, start_round: int = 0, run_dir: str | None = None,
@@ -302,11 +307,16 @@ class Simulator:
 
   @property
   def evaluation_names(self) -> tuple[str, ...]:
-    """The metrics `evaluate_state` reports (per-client ones with `per_client_eval`)."""
+    """The scalar metrics `evaluate_state` reports (per-client ones with
+    `per_client_eval`; `personalized_accuracy_*` too for an algorithm with
+    `personalize`)."""
     names = ('test_accuracy', 'test_loss')
     if self.config.per_client_eval:
-      names += ('client_accuracy_mean', 'client_accuracy_var', 'client_accuracy_median',
-                'client_accuracy_worst_decile')
+      prefixes = ['client_accuracy']
+      if getattr(self.algorithm, 'personalize', None) is not None:
+        prefixes.append('personalized_accuracy')
+      names += tuple(f'{prefix}_{stat}' for prefix in prefixes
+                     for stat in ('mean', 'var', 'median', 'worst_decile'))
     return names
 
   def evaluated_model(self, state: ServerState):

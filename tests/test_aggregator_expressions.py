@@ -148,7 +148,8 @@ def test_the_registry_holds_every_exported_aggregator_constructor():
   # Exported names that are not constructors of an Aggregator.
   not_constructors = {'REDUCER', 'TRANSFORM', 'Aggregator', 'ChainState', 'EmptyState',
                       'MetricsState', 'aggregator_metrics', 'stateless', 'validate_aggregator',
-                      'dp_epsilon', 'dp_ftrl_epsilon', 'dp_noise_multiplier', 'aggregator_names',
+                      'dp_epsilon', 'dp_ftrl_epsilon', 'dp_noise_multiplier',
+                      'participation_epsilon', 'weighted_sum_via', 'aggregator_names',
                       'aggregator_signatures', 'canonical_aggregator_expression',
                       'parse_aggregator', 'register_aggregator'}
   assert set(agg.__all__) - not_constructors == set(agg.aggregator_names())

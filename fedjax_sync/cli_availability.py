@@ -19,7 +19,10 @@ resume).
 from __future__ import annotations
 
 import argparse
+import math
 import os
+
+from fedjax_sync.cli import number_type
 
 AVAILABILITIES = ('always', 'diurnal')
 SAMPLINGS = ('uniform', 'poisson')
@@ -38,41 +41,10 @@ def _flag(dest: str) -> str:
   return '--' + dest.replace('_', '-')
 
 
-def _positive(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-  if not (value > 0 and value < float('inf')):
-    raise argparse.ArgumentTypeError(f'{text!r} is out of range; valid: a finite number > 0')
-  return value
-
-
-def _unit_fraction(text: str) -> float:
-  value = _positive(text)
-  if value > 1:
-    raise argparse.ArgumentTypeError(f'{text!r} is out of range; valid: a number in (0, 1]')
-  return value
-
-
-def _amplitude(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-  if not 0 <= value <= 1:
-    raise argparse.ArgumentTypeError(f'{text!r} is out of range; valid: a number in [0, 1]')
-  return value
-
-
-def _finite(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-  if value != value or value in (float('inf'), float('-inf')):
-    raise argparse.ArgumentTypeError(f'{text!r} is out of range; valid: a finite number')
-  return value
+_positive = number_type(float, lambda v: 0 < v < math.inf, 'a finite number > 0')
+_unit_fraction = number_type(float, lambda v: 0 < v <= 1, 'a number in (0, 1]')
+_amplitude = number_type(float, lambda v: 0 <= v <= 1, 'a number in [0, 1]')
+_finite = number_type(float, math.isfinite, 'a finite number')
 
 
 def add_flags(run: argparse.ArgumentParser) -> None:

@@ -66,7 +66,7 @@ import numpy as np
 
 from fedjax_sync import reporting, sinks
 
-__all__ = ['DIVERGENCE_METRICS', 'DriveResult', 'Runner', 'block_schedule', 'check_alive',
+__all__ = ['DIVERGENCE_METRICS', 'CompiledBlocks', 'DriveResult', 'Runner', 'block_schedule', 'check_alive',
            'distinct_buffers', 'drive', 'first_nonfinite', 'fresh_buffers', 'listen_to_units',
            'tick_unit', 'warn_nonfinite']
 
@@ -211,6 +211,29 @@ class _UnitBar:
       self.bar.update(units_done - self.bar.n)   # 0 when every tick arrived
 
 
+class CompiledBlocks:
+  """The driver's cache view shared by runners that compile their blocks themselves.
+
+  A runner with a `_blocks` dict filled by `_block(state, length, ticks)` (under
+  `block_key(length, ticks)`) gets `is_compiled`, `compile` and `unit_ticks` here
+  instead of repeating them.
+  """
+
+  unit_ticks = True
+
+  @staticmethod
+  def block_key(length: int, ticks: bool = False):
+    """The `_blocks` key of the block of `length` units (the ticking copy apart)."""
+    return (length, 'ticks') if ticks else length
+
+  def is_compiled(self, state, length: int, ticks: bool = False) -> bool:
+    del state
+    return self.block_key(length, ticks) in self._blocks
+
+  def compile(self, state, length: int, ticks: bool = False) -> None:
+    self._block(state, length, ticks)
+
+
 class DriveResult(NamedTuple):
   """What `drive` returns.
 
@@ -330,6 +353,14 @@ def _scalars(values: Mapping[str, Any], index: int | None = None) -> dict[str, A
   return row
 
 
+def _evaluation(runner, state, units_done: int, hooks, evaluate: bool) -> dict[str, Any]:
+  """The runner's evaluation (unless `evaluate` is False) merged with every hook's."""
+  out = dict(runner.evaluate_state(state)) if evaluate else {}
+  for hook in hooks:
+    out.update(jax.device_get(dict(hook(state, units_done))))
+  return out
+
+
 @dataclasses.dataclass
 class _Member:
   """The driver's bookkeeping of one simulation: its rows and sinks."""
@@ -435,9 +466,7 @@ def drive(runner: Runner, state, *, start: int = 0,
       units_done = r + length
       evaluation: dict[str, Any] = {}
       if evaluate_now:
-        evaluation = dict(runner.evaluate_state(state)) if evaluate else {}
-        for hook in evaluation_hooks:
-          evaluation.update(jax.device_get(dict(hook(state, units_done))))
+        evaluation = _evaluation(runner, state, units_done, evaluation_hooks, evaluate)
       for s, m in enumerate(book):
         member = None if members is None else s
         metrics = _member_view(stacked, member)
@@ -492,9 +521,7 @@ def drive(runner: Runner, state, *, start: int = 0,
       if m.events is not None:
         m.events.close()
   if not book[0].evaluation and (evaluate or evaluation_hooks):   # nothing was run
-    evaluation = dict(runner.evaluate_state(state)) if evaluate else {}
-    for hook in evaluation_hooks:
-      evaluation.update(jax.device_get(dict(hook(state, units_done))))
+    evaluation = _evaluation(runner, state, units_done, evaluation_hooks, evaluate)
     for s, m in enumerate(book):
       m.evaluation = _member_view(evaluation, None if members is None else s)
   for m in book:

@@ -21,8 +21,8 @@ from fedjax_sync.data.batching import (LocalWork, make_client_batch, pad_clients
                                        poisson_sample_clients, sample_clients, to_device)
 from fedjax_sync.data.federated import FederatedData
 # Moved to the one driver; these names stay importable from here.
-from fedjax_sync.simulate.driver import (DIVERGENCE_METRICS, block_schedule, check_alive,  # noqa: F401
-                                         distinct_buffers, drive, first_nonfinite,
+from fedjax_sync.simulate.driver import (DIVERGENCE_METRICS, CompiledBlocks, block_schedule,  # noqa: F401
+                                         check_alive, distinct_buffers, drive, first_nonfinite,
                                          fresh_buffers, tick_unit, warn_nonfinite)
 from fedjax_sync.simulate.availability import AvailabilityTrace, is_online
 from fedjax_sync.simulate.evaluation import make_evaluator
@@ -129,7 +129,7 @@ class SimulationResult(NamedTuple):
   nonfinite_round: int | None = None
 
 
-class Simulator:
+class Simulator(CompiledBlocks):
   """Compiles the blocks of rounds and the evaluator of one simulation.
 
   With `availability` (an `AvailabilityTrace` of the data's clients), round r
@@ -204,7 +204,7 @@ class Simulator:
   def _block(self, state: ServerState, length: int, ticks: bool = False) -> Callable:
     """The compiled program of `length` consecutive rounds (compiled once per length;
     with `ticks`, a second program reporting each round to the progress bar)."""
-    cache = (length, 'ticks') if ticks else length
+    cache = self.block_key(length, ticks)
     if cache not in self._blocks:
       check_population(self.algorithm, self.data.num_clients, state.client_states)
       def run_block(state, start, *every):
@@ -283,7 +283,6 @@ class Simulator:
   # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
   unit = 'round'
   members = None
-  unit_ticks = True
 
   @property
   def num_units(self) -> int:
@@ -293,11 +292,7 @@ class Simulator:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, state, length: int, ticks: bool = False) -> bool:
-    return ((length, 'ticks') if ticks else length) in self._blocks
 
-  def compile(self, state: ServerState, length: int, ticks: bool = False) -> None:
-    self._block(state, length, ticks)
 
   def run_units(self, state: ServerState, start: int, length: int, ticks: int = 0):
     return self.run_rounds(state, start, length, ticks)

@@ -56,7 +56,8 @@ from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.clock import ClientClock, job_available, job_start_times, job_times
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_asynchronous, check_population
-from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers, tick_unit
+from fedjax_sync.simulate.driver import (CompiledBlocks, distinct_buffers, drive, fresh_buffers,
+                                         tick_unit)
 from fedjax_sync.types import ClientBatch, Params, PyTree, ServerState
 
 RESTARTS = ('new_model', 'current_model')
@@ -320,7 +321,7 @@ class AsyncResult(NamedTuple):
   run_seconds: float
 
 
-class SemiAsyncSimulator:
+class SemiAsyncSimulator(CompiledBlocks):
   """Runs a semi-asynchronous algorithm on a `FederatedData` with a simulated clock.
 
   Blocks of `eval_every` aggregations run as one compiled `lax.scan`; keys and
@@ -368,7 +369,7 @@ class SemiAsyncSimulator:
     return jax.tree.map(jnp.copy, jax.jit(self._init)(params))
 
   def _block(self, state: AsyncState, length: int, ticks: bool = False) -> Callable:
-    cache = (length, 'ticks') if ticks else length
+    cache = self.block_key(length, ticks)
     if cache not in self._blocks:
       check_population(self.algorithm, self.data.num_clients, state.server.client_states)
       def run_block(s, *every):
@@ -423,7 +424,6 @@ class SemiAsyncSimulator:
   # The driver's view of this runner (`fedjax_sync.simulate.driver.Runner`).
   unit = 'aggregation'
   members = None
-  unit_ticks = True
 
   @property
   def num_units(self) -> int:
@@ -433,11 +433,7 @@ class SemiAsyncSimulator:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  def is_compiled(self, state, length: int, ticks: bool = False) -> bool:
-    return ((length, 'ticks') if ticks else length) in self._blocks
 
-  def compile(self, state: AsyncState, length: int, ticks: bool = False) -> None:
-    self._block(state, length, ticks)
 
   def run_units(self, state: AsyncState, start: int, length: int, ticks: int = 0):
     del start   # the version counter in the state is the position

@@ -44,7 +44,8 @@ from fedjax_sync.data.federated import FederatedData
 from fedjax_sync.simulate.evaluation import make_evaluator
 from fedjax_sync.simulate.population import check_population, check_synchronous
 from fedjax_sync.simulate.clock import ClientClock
-from fedjax_sync.simulate.driver import distinct_buffers, drive, fresh_buffers, tick_unit
+from fedjax_sync.simulate.driver import (CompiledBlocks, distinct_buffers, drive, fresh_buffers,
+                                         tick_unit)
 from fedjax_sync.simulate.population import check_asynchronous
 from fedjax_sync.simulate.rounds import SimulationConfig, draw_participants
 from fedjax_sync.simulate.semi_async import AsyncConfig, make_async_engine
@@ -105,7 +106,7 @@ class SweepResult(NamedTuple):
   run_seconds: float
 
 
-class Sweep:
+class Sweep(CompiledBlocks):
   """S independent simulations of one algorithm as one vmapped compiled program.
 
   Args:
@@ -260,7 +261,7 @@ class Sweep:
     return jax.lax.scan(body, state, start + jnp.arange(length))
 
   def _block(self, states, length: int, ticks: bool = False) -> Callable:
-    cache = (length, 'ticks') if ticks else length
+    cache = self.block_key(length, ticks)
     if cache not in self._blocks:
       def one(state, run_key, hypers, start, *every):
         return self._member_block(state, run_key, hypers, start, length, *every)
@@ -383,13 +384,8 @@ class Sweep:
   def eval_every(self) -> int:
     return self.config.eval_every
 
-  unit_ticks = True
 
-  def is_compiled(self, states, length: int, ticks: bool = False) -> bool:
-    return ((length, 'ticks') if ticks else length) in self._blocks
 
-  def compile(self, states, length: int, ticks: bool = False) -> None:
-    self._block(states, length, ticks)
 
   def run_units(self, states, start: int, length: int, ticks: int = 0):
     return self.run_rounds(states, start, length, ticks)

@@ -914,6 +914,11 @@ def _run(args, given: set[str] = frozenset()) -> int:
   work = fs.LocalWork(batch_size=args.batch_size, epochs=args.local_epochs,
                       steps=None if args.local_epochs else steps)
   _check_round_size(args, data, work)
+  uniform = getattr(args, 'sampling', 'uniform') == 'uniform'
+  if uniform and args.clients_per_round > data.num_clients:
+    raise ValueError(f'clients_per_round={args.clients_per_round} (--clients-per-round) exceeds '
+                     f'the {data.num_clients} clients of --dataset {args.dataset!r}; valid: '
+                     f'--clients-per-round ≤ {data.num_clients} (or raise --num-clients)')
   input_shape = data.train['x'].shape[1:]
   try:
     model = fs.models.get_model(model_name, input_shape, data.num_classes)

@@ -194,6 +194,9 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
     args.dataset = 'synthetic'
   hparams = cli._hyperparameters(args, given)   # noqa: SLF001
   aggregator = cli._aggregator(args)   # noqa: SLF001
+  from fedjax_sync import cli_sweeps
+  # The sweep's keys and values are checked before anything depends on the data.
+  sweep_plan = cli_sweeps.plan_sweep(args, given) if cli_sweeps.is_sweep(args) else None
   partition = cli._partition_settings(args)   # noqa: SLF001
   data = cli._load_data(args, partition)   # noqa: SLF001
   fingerprint = data_fingerprint(data)
@@ -245,10 +248,9 @@ def run_timeline(args, given: set[str], timeline: str, *, resuming: bool = False
                             'rounds_are': 'server aggregations'}
     record['clock'] = clock_record(args)
     record.update(cli_availability.record(args, synchronous=False))
-    from fedjax_sync import cli_sweeps
-    if cli_sweeps.is_sweep(args):   # --seeds/--sweep: every member in one vmapped program
+    if sweep_plan is not None:   # --seeds/--sweep: every member in one vmapped program
       return cli_sweeps.run_sweep(
-          args, cli_sweeps.plan_sweep(args, given), model=model, model_name=model_name,
+          args, sweep_plan, model=model, model_name=model_name,
           data=data, partition=cli._partition_record(partition),   # noqa: SLF001
           fingerprint=fingerprint, work=work, execution=execution, engine=engine,
           hparams=hparams, config=config, new_dir=None if resuming else new_dir,

@@ -65,6 +65,20 @@ def output_layer(params: Params) -> tuple:
   return min(dense)[2]
 
 
+def check_head(head: HeadFilter):
+  """`head` checked when the algorithm is built (not at its first init): the compiled
+  pattern of a regular expression; a ValueError for a bad pattern or type."""
+  if isinstance(head, str):
+    try:
+      return re.compile(head)
+    except re.error as e:
+      raise ValueError(f'head={head!r} is not a valid regular expression: {e}') from None
+  if head is not None and not callable(head):
+    raise ValueError(f'head must be a regular expression, a predicate on the path tuple or '
+                     f'None (the output layer), got {type(head).__name__}')
+  return head
+
+
 def head_paths(params: Params, head: HeadFilter = None) -> frozenset:
   """The leaf paths (tuples) of the per-client head selected by `head` (see module doc).
 
@@ -75,16 +89,11 @@ def head_paths(params: Params, head: HeadFilter = None) -> frozenset:
     layer = output_layer(params)
     chosen = {p for p in flat if p[:len(layer)] == layer}
   elif isinstance(head, str):
-    try:
-      pattern = re.compile(head)
-    except re.error as e:
-      raise ValueError(f'head={head!r} is not a valid regular expression: {e}') from None
+    pattern = check_head(head)
     chosen = {p for p in flat if pattern.search('/'.join(map(str, p)))}
-  elif callable(head):
-    chosen = {p for p in flat if head(p)}
   else:
-    raise ValueError(f'head must be a regular expression, a predicate on the path tuple or '
-                     f'None (the output layer), got {type(head).__name__}')
+    check_head(head)
+    chosen = {p for p in flat if head(p)}
   names = sorted('/'.join(map(str, p)) for p in flat)
   if not chosen:
     raise ValueError(f'head={head!r} selects no parameter; the paths are {names}')
@@ -149,6 +158,7 @@ def fed_per(loss_fn: Callable, client_optimizer: optax.GradientTransformation, *
     unroll: unrolling of the local-step loop.
   """
   _check_num_clients(num_clients, 'FedPer')
+  check_head(head)
   algorithm = federated_algorithm(
       fed_per_update(loss_fn, client_optimizer, head=head, unroll=unroll),
       server_optimizer=server_optimizer or optax.sgd(1.0), aggregator=aggregator,

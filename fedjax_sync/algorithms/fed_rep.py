@@ -31,7 +31,7 @@ from fedjax_sync import tree as tree_lib
 from fedjax_sync.aggregators.base import Aggregator
 from fedjax_sync.algorithms.fed_bn import personalized_params
 from fedjax_sync.algorithms.fed_per import (HEAD_PATTERN, HeadFilter, _check_num_clients,
-                                            head_part, head_paths, registered_head)
+                                            check_head, head_part, head_paths, registered_head)
 from fedjax_sync.algorithms.federated import ClientOutput, federated_algorithm
 from fedjax_sync.algorithms.registry import (Hyperparameter, Hyperparameters, _server_lr,
                                              client_and_server, register_algorithm)
@@ -128,6 +128,7 @@ def fed_rep(loss_fn: Callable, client_optimizer: optax.GradientTransformation, *
     unroll: unrolling of the local-step loops.
   """
   _check_num_clients(num_clients, 'FedRep')
+  check_head(head)
   if isinstance(head_epochs, bool) or not isinstance(head_epochs, int) or head_epochs < 0:
     raise ValueError(f'FedRep head_epochs must be an integer ≥ 0, got {head_epochs!r}')
   algorithm = federated_algorithm(

@@ -113,3 +113,18 @@ def test_closed_pipe_is_quiet():
   proc.wait(timeout=120)
   assert 'Traceback' not in err and 'BrokenPipeError' not in err, err
   assert proc.returncode == 0
+
+
+@pytest.mark.parametrize('argv,expected,not_expected', [
+    (['--algorithm', 'fedbuff', '--num-clients', '8', '--sweep', 'nokey=1,2'],
+     "'nokey' is not a hyperparameter of fedbuff", 'buffer_size'),
+    (['--algorithm', 'fedper', '--num-clients', '8', '--clients-per-round', '4',
+      '--hparam', 'head_pattern=('], "head='(' is not a valid regular expression", '--model'),
+    (['--num-clients', '8'], 'valid: --clients-per-round ≤ 8 (or raise --num-clients)', None),
+])
+def test_errors_name_the_option_at_fault(argv, expected, not_expected, tmp_path, capsys):
+  from tests.helpers import cli_error
+  err = cli_error(['run', '--rounds', '1', '--run-dir', str(tmp_path / 'x'), *argv], capsys)
+  assert expected in err, err
+  assert not_expected is None or not_expected not in err, err
+  assert not (tmp_path / 'x').exists()
